@@ -1,0 +1,129 @@
+"""megatron-core core-attention modules: the contract adapter around the attention math.
+
+megatron-core's ``SelfAttention`` builds ``core_attention`` from a ``ModuleSpec`` and calls it with
+this rank's heads as ``[seq, batch, heads_per_partition, head_dim]``. Heads are already split
+across tensor-parallel ranks, so nothing here communicates. Subclasses supply only ``attention``
+on ``[batch, seq, heads, head_dim]`` tensors; masks, layout and selective recompute live here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.utils.checkpoint
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from model.attention.backend import Backend, attend
+from model.attention.twicing import twicing_attention
+
+_CAUSAL = {AttnMaskType.causal: True, AttnMaskType.no_mask: False}
+
+
+class CoreAttention(MegatronModule):
+    """Base class implementing megatron-core's core-attention call contract.
+
+    Args (beyond megatron's): ``backend`` picks the kernel (``auto``/``flash``/``sdpa``);
+    ``recompute`` re-runs this module in backward instead of storing its activations.
+    """
+
+    #: whether this variant tolerates attention dropout (two-pass variants do not)
+    supports_dropout: bool = True
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+        *,
+        backend: Backend = "auto",
+        recompute: bool = False,
+    ) -> None:
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("context parallelism is not supported by twicing-lm core attention")
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.backend: Backend = backend
+        self.recompute = recompute
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if self.dropout and not self.supports_dropout:
+            raise ValueError(
+                f"{type(self).__name__} (layer {layer_number}) needs attention_dropout == 0, got "
+                f"{self.dropout}: its two attention passes would draw two different dropout masks"
+            )
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1 / math.sqrt(head_dim)
+
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+    ) -> torch.Tensor:
+        """The variant's math on ``[batch, seq, heads, head_dim]``; returns that shape."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if mask_type not in _CAUSAL:
+            raise ValueError(f"attention mask type {mask_type.name} is not supported (causal only)")
+        if (
+            attention_mask is not None
+            or attention_bias is not None
+            or packed_seq_params is not None
+        ):
+            raise ValueError(
+                "explicit attention masks, biases and packed sequences are not supported: causal "
+                "masking is built into the kernel (build data with create_attention_mask=False)"
+            )
+        # [s, b, h, d] -> [b, s, h, d] (views; the kernel picks its own layout)
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))
+        causal = _CAUSAL[mask_type]
+        if self.recompute and self.training and torch.is_grad_enabled():
+            out = torch.utils.checkpoint.checkpoint(
+                self.attention, q, k, v, causal, use_reentrant=False
+            )
+        else:
+            out = self.attention(q, k, v, causal)
+        s, b = query.size(0), query.size(1)
+        return out.transpose(0, 1).reshape(s, b, -1)
+
+
+class SoftmaxCoreAttention(CoreAttention):
+    """Standard scaled-dot-product attention ``softmax(QKᵀ·scale + mask)V``."""
+
+    def attention(self, q, k, v, causal):
+        return attend(
+            q,
+            k,
+            v,
+            causal=causal,
+            scale=self.softmax_scale,
+            backend=self.backend,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+
+
+class TwicingCoreAttention(CoreAttention):
+    """Twicing attention ``(2A − A²)V`` as two passes of the same kernel."""
+
+    supports_dropout = False
+
+    def attention(self, q, k, v, causal):
+        return twicing_attention(
+            q, k, v, causal=causal, softmax_scale=self.softmax_scale, backend=self.backend
+        )

@@ -1,0 +1,120 @@
+"""The GPT architecture, as a validated dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from model.attention import CORE_ATTENTION, select_layers
+from model.attention.backend import BACKENDS
+from model.strict_config import ConfigError, check
+
+
+@dataclass
+class ModelConfig:
+    """A megatron-core GPT. ``attention`` is used in ``attention_layers``; other layers use softmax.
+
+    ``attention_layers`` is ``"all"``, ``"none"``, ``"first:K"``, ``"last:K"`` or a list of 0-based
+    layer indices. ``recompute``: ``"none"``, ``"selective"`` (core attention only) or ``"full"``
+    (whole transformer layers).
+    """
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None
+    ffn_hidden_size: int | None = None
+    vocab_size: int = 1024
+    vocab_pad_multiple: int = 128
+    seq_length: int = 64
+    position_embedding: Literal["rope", "learned_absolute"] = "rope"
+    rotary_base: int = 10000
+    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    layernorm_epsilon: float = 1e-5
+    activation: Literal["gelu", "relu", "swiglu"] = "gelu"
+    add_bias_linear: bool = True
+    tied_embeddings: bool = True
+    attention: str = "twicing"
+    attention_layers: str | list[int] = "all"
+    attention_backend: Literal["auto", "flash", "sdpa"] = "auto"
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    init_std: float = 0.02
+    recompute: Literal["none", "selective", "full"] = "none"
+
+    def __post_init__(self) -> None:
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
+            check(getattr(self, key) > 0, f"model.{key}", f"must be > 0, got {getattr(self, key)}")
+        check(
+            self.hidden_size % self.num_attention_heads == 0,
+            "model.num_attention_heads",
+            f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads",
+        )
+        groups = self.query_groups
+        check(
+            groups > 0 and self.num_attention_heads % groups == 0,
+            "model.num_query_groups",
+            f"{groups} does not divide num_attention_heads={self.num_attention_heads}",
+        )
+        check(
+            self.attention in CORE_ATTENTION,
+            "model.attention",
+            f"unknown attention variant {self.attention!r}; known: {sorted(CORE_ATTENTION)}",
+        )
+        check(self.attention_backend in BACKENDS, "model.attention_backend", "unknown backend")
+        for key in ("attention_dropout", "hidden_dropout"):
+            value = getattr(self, key)
+            check(0.0 <= value < 1.0, f"model.{key}", f"must be in [0, 1), got {value}")
+        try:
+            layers = select_layers(self.attention_layers, self.num_layers)
+        except ValueError as e:
+            raise ConfigError(f"config key 'model.attention_layers': {e}") from None
+        if self.attention_dropout > 0:
+            for i in layers:
+                check(
+                    CORE_ATTENTION[self.attention].supports_dropout,
+                    "model.attention_dropout",
+                    f"{self.attention} attention (layer {i}) needs attention_dropout == 0, got "
+                    f"{self.attention_dropout}: its two passes would draw different dropout masks",
+                )
+        check(self.vocab_pad_multiple > 0, "model.vocab_pad_multiple", "must be > 0")
+        check(self.init_std > 0, "model.init_std", f"must be > 0, got {self.init_std}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Embedding rows: vocabulary rounded up to ``vocab_pad_multiple`` (same for every TP)."""
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def variant_of_layer(self, index: int) -> str:
+        """Attention variant of 0-based layer ``index``."""
+        chosen = select_layers(self.attention_layers, self.num_layers)
+        return self.attention if index in chosen else "softmax"
+
+    def check_tensor_parallel(self, tp: int) -> None:
+        """Raise ``ConfigError`` unless heads and query groups split evenly over ``tp`` ranks."""
+        check(
+            self.num_attention_heads % tp == 0,
+            "model.num_attention_heads",
+            f"{self.num_attention_heads} heads are not divisible by tensor-parallel size {tp}",
+        )
+        check(
+            self.query_groups % tp == 0,
+            "model.num_query_groups",
+            f"{self.query_groups} query groups are not divisible by tensor-parallel size {tp}",
+        )
+        ffn = self.ffn_hidden_size or 4 * self.hidden_size
+        check(ffn % tp == 0, "model.ffn_hidden_size", f"{ffn} is not divisible by TP size {tp}")
+        check(
+            self.padded_vocab_size % tp == 0,
+            "model.vocab_pad_multiple",
+            f"padded vocabulary {self.padded_vocab_size} is not divisible by TP size {tp}",
+        )

@@ -1,0 +1,56 @@
+"""Assemble megatron-core layer specs: which core attention, norm and recompute each layer gets.
+
+Pure wiring, no math: the math lives in ``model.attention``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch.utils.checkpoint
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from model.attention import CORE_ATTENTION
+from model.config import ModelConfig
+from model.norm import Norm
+
+
+class RecomputedTransformerLayer(TransformerLayer):
+    """A transformer layer whose activations are recomputed in backward (full recompute).
+
+    Uses torch's non-reentrant checkpoint, which restores the CPU (and CUDA) RNG state so dropout
+    masks replay exactly; parameter names are those of ``TransformerLayer``.
+    """
+
+    def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(
+                super().forward, *args, use_reentrant=False, **kwargs
+            )
+        return super().forward(*args, **kwargs)
+
+
+def layer_spec(cfg: ModelConfig, variant: str) -> ModuleSpec:
+    """megatron-core's local GPT layer with our core attention ``variant`` and norms."""
+    spec = copy.deepcopy(get_gpt_layer_local_spec())
+    sub = spec.submodules
+    sub.self_attention.submodules.core_attention = ModuleSpec(
+        module=CORE_ATTENTION[variant],
+        params={"backend": cfg.attention_backend, "recompute": cfg.recompute == "selective"},
+    )
+    sub.input_layernorm = Norm
+    sub.pre_mlp_layernorm = Norm
+    if cfg.recompute == "full":
+        spec.module = RecomputedTransformerLayer
+    return spec
+
+
+def block_spec(cfg: ModelConfig) -> TransformerBlockSubmodules:
+    """One spec per layer (variants may differ per layer) plus the final norm."""
+    return TransformerBlockSubmodules(
+        layer_specs=[layer_spec(cfg, cfg.variant_of_layer(i)) for i in range(cfg.num_layers)],
+        layer_norm=Norm,
+    )

@@ -1,0 +1,48 @@
+"""Shared fixtures: where the shared data lives, and a one-rank megatron process group."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # tests/launch.py and friends
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def shared_dir() -> Path:
+    """``../shared`` beside the checkout, or ``$TWICING_SHARED``."""
+    return Path(os.environ.get("TWICING_SHARED", ROOT.parent / "shared")).resolve()
+
+
+def need_shared(*parts: str) -> Path:
+    """Path under the shared dir; skip (never under CI) when it is absent."""
+    path = shared_dir().joinpath(*parts)
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing; CI must have ../shared (or set TWICING_SHARED)")
+        pytest.skip(f"{path} is missing (set TWICING_SHARED to the shared/ directory)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def one_rank():
+    """A single-process gloo group with megatron's parallel_state at TP=1."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from launch import free_port
+
+    if not dist.is_initialized():
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1"
+        )
+        dist.init_process_group("gloo")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    yield

@@ -1,0 +1,91 @@
+"""Start N real processes of a script with torch.distributed's environment variables set."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    argv: Sequence[str],
+    nprocs: int,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | str = ROOT,
+    log_dir: Path | None = None,
+) -> list[subprocess.Popen]:
+    """Start ``nprocs`` copies of ``python argv...`` as ranks 0..n-1 on one host."""
+    port = str(free_port())
+    procs = []
+    for rank in range(nprocs):
+        penv = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(nprocs),
+            "LOCAL_WORLD_SIZE": str(nprocs),
+            "OMP_NUM_THREADS": "1",
+            "DS_ACCELERATOR": "cpu",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        out = open(log_dir / f"rank{rank}.log", "w") if log_dir else subprocess.PIPE  # noqa: SIM115
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *argv],
+                env=penv,
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    return procs
+
+
+def run(
+    argv: Sequence[str],
+    nprocs: int,
+    *,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    log_dir: Path | None = None,
+    check: bool = True,
+) -> list[tuple[int, str]]:
+    """Run ``nprocs`` ranks to completion; returns ``[(returncode, output)]`` per rank.
+
+    With ``check``, any non-zero exit raises with every rank's output tail.
+    """
+    procs = launch(argv, nprocs, env=env, log_dir=log_dir)
+    results = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            if log_dir:
+                out = (log_dir / f"rank{len(results)}.log").read_text()
+            results.append((p.returncode, out or ""))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if check and any(rc != 0 for rc, _ in results):
+        tails = "\n".join(
+            f"--- rank {i} (exit {rc}) ---\n{out[-4000:]}" for i, (rc, out) in enumerate(results)
+        )
+        raise AssertionError(f"{' '.join(argv)} failed:\n{tails}")
+    return results

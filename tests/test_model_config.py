@@ -1,0 +1,88 @@
+"""Model config validation, layer selection, and which layers a built model twices."""
+
+from __future__ import annotations
+
+import pytest
+
+from model import ModelConfig, build_gpt
+from model.attention import SoftmaxCoreAttention, TwicingCoreAttention, select_layers
+from model.strict_config import ConfigError, from_dict
+
+
+@pytest.mark.parametrize(
+    "selection,expected",
+    [
+        ("all", {0, 1, 2, 3, 4, 5}),
+        ("none", set()),
+        ("last:2", {4, 5}),
+        ("first:1", {0}),
+        ([0, 3], {0, 3}),
+    ],
+)
+def test_select_layers(selection, expected):
+    assert select_layers(selection, 6) == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"attention_layers": "last:7", "num_layers": 6}, r"last:7.*K=7.*num_layers=6"),
+        ({"attention_layers": "middle"}, r"'middle'"),
+        ({"attention_layers": [0, 9]}, r"index 9"),
+        ({"attention": "linear"}, r"unknown attention variant 'linear'"),
+        ({"attention": "twicing", "attention_dropout": 0.1}, r"attention_dropout.*0\.1"),
+        ({"num_attention_heads": 5, "hidden_size": 64}, r"not divisible by 5 heads"),
+        ({"num_query_groups": 3}, r"num_query_groups.*3 does not divide"),
+    ],
+)
+def test_bad_model_configs_name_the_value(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(**kwargs)
+
+
+def test_softmax_with_attention_dropout_is_allowed():
+    assert ModelConfig(attention="softmax", attention_dropout=0.1).attention_dropout == 0.1
+    # twicing only in the last layer: dropout still refused there
+    with pytest.raises(ConfigError, match="layer 1"):
+        ModelConfig(attention="twicing", attention_layers="last:1", attention_dropout=0.1)
+
+
+@pytest.mark.parametrize(
+    "kwargs,tp,match",
+    [
+        (
+            {"num_attention_heads": 6, "hidden_size": 96},
+            4,
+            r"6 heads are not divisible by tensor-parallel size 4",
+        ),
+        (
+            {"num_attention_heads": 4, "num_query_groups": 1},
+            2,
+            r"1 query groups are not divisible by tensor-parallel size 2",
+        ),
+    ],
+)
+def test_tensor_parallel_divisibility(kwargs, tp, match):
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(**kwargs).check_tensor_parallel(tp)
+
+
+def test_from_dict_rejects_unknown_keys_and_types():
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.num_layer'"):
+        from_dict(ModelConfig, {"num_layer": 2}, "model")
+    with pytest.raises(ConfigError, match=r"'model.num_layers': expected int, got '2x'"):
+        from_dict(ModelConfig, {"num_layers": "2x"}, "model")
+    with pytest.raises(ConfigError, match=r"'model.position_embedding': 'alibi' is not one of"):
+        from_dict(ModelConfig, {"position_embedding": "alibi"}, "model")
+    cfg = from_dict(ModelConfig, {"attention_layers": [1], "num_layers": 3}, "model")
+    assert cfg.attention_layers == [1]
+
+
+@pytest.mark.parametrize(
+    "layers,twiced", [("all", {0, 1, 2, 3}), ("last:2", {2, 3}), ([0, 2], {0, 2}), ("none", set())]
+)
+def test_built_model_twices_exactly_the_configured_layers(one_rank, layers, twiced):
+    model = build_gpt(ModelConfig(num_layers=4, attention="twicing", attention_layers=layers))
+    kinds = [type(layer.self_attention.core_attention) for layer in model.decoder.layers]
+    assert {i for i, k in enumerate(kinds) if k is TwicingCoreAttention} == twiced
+    assert all(k is SoftmaxCoreAttention for i, k in enumerate(kinds) if i not in twiced)
