@@ -8,6 +8,8 @@ only process-wide patch in the project.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 _installed = False
@@ -24,3 +26,57 @@ def install() -> None:
         return
     torch.cuda.current_device = _cpu_device
     _installed = True
+
+
+class CpuRngTracker:
+    """megatron-core's model-parallel RNG tracker, on the CPU generator.
+
+    megatron forks a per-TP-rank RNG stream around dropout in sequence-parallel regions; its own
+    tracker stores CUDA generator states. This one swaps the CPU default generator's state in and
+    out instead, with the same ``add``/``fork``/``get_states``/``set_states``/``reset`` API.
+    """
+
+    def __init__(self) -> None:
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def is_initialized(self) -> bool:
+        return bool(self.states_)
+
+    def reset(self) -> None:
+        self.states_.clear()
+        self.seeds_.clear()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.states_.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self.states_ = {k: v.clone() for k, v in states.items()}
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_ or name in self.states_:
+            raise RuntimeError(f"RNG tracker state {name!r} (seed {seed}) already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"RNG tracker state {name!r} was never added")
+        outside = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outside)
+
+
+def install_cpu_rng_tracker() -> CpuRngTracker:
+    """Make megatron-core's ``get_cuda_rng_tracker()`` return a :class:`CpuRngTracker`."""
+    from megatron.core.tensor_parallel import random as mp_random
+
+    tracker = CpuRngTracker()
+    mp_random._CUDA_RNG_STATE_TRACKER = tracker
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    return tracker

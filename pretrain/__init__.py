@@ -1,0 +1,1 @@
+"""twicing-lm pretraining: DeepSpeed ZeRO × megatron-core tensor parallel, with exact resume."""

@@ -1,0 +1,217 @@
+"""Sharded checkpoints that are complete or ignored, verified before they are loaded.
+
+Layout under the checkpoint root::
+
+    step_00000100/          one tag per saved step
+        mp_rank_*/zero_*    DeepSpeed's per-rank model / optimizer shards
+        rng/rank_00003.pt   each rank's RNG states (DeepSpeed keeps client state from one rank)
+        trainer_state.json  step, consumed samples, config, topology, library versions
+        checksums.json      size + xxh3-128 of every file above
+        COMPLETE            written last, after every rank finished
+    latest                  name of the newest complete tag, advanced only after COMPLETE
+
+A directory without ``COMPLETE`` is never loaded (a save killed mid-way leaves one behind; the
+next save of that tag or pruning removes it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import xxhash
+
+from pretrain import atomic, faults
+
+MARKER = "COMPLETE"
+LATEST = "latest"
+STATE = "trainer_state.json"
+CHECKSUMS = "checksums.json"
+_TAG_PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupted or incompatible; the message names it."""
+
+
+def tag_of(step: int) -> str:
+    return f"{_TAG_PREFIX}{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    return int(tag[len(_TAG_PREFIX) :])
+
+
+def file_digest(path: Path, fsync: bool = False) -> dict[str, Any]:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    return {"size": path.stat().st_size, "xxh3_128": h.hexdigest()}
+
+
+def complete_tags(root: Path) -> list[str]:
+    """Tags with a completion marker, oldest first."""
+    if not root.is_dir():
+        return []
+    tags = [
+        p.name for p in root.iterdir() if p.name.startswith(_TAG_PREFIX) and (p / MARKER).is_file()
+    ]
+    return sorted(tags, key=step_of)
+
+
+def latest_complete(root: Path) -> str | None:
+    """The tag ``latest`` names if it is complete, else the newest complete tag, else None."""
+    pointer = root / LATEST
+    if pointer.is_file():
+        tag = pointer.read_text().strip()
+        if (root / tag / MARKER).is_file():
+            return tag
+    tags = complete_tags(root)
+    return tags[-1] if tags else None
+
+
+def read_state(tag_dir: Path) -> dict[str, Any]:
+    path = tag_dir / STATE
+    if not (tag_dir / MARKER).is_file():
+        raise CheckpointError(f"checkpoint {tag_dir} is incomplete (no {MARKER} marker)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint state {path} is unreadable: {e}") from None
+
+
+def verify_files(tag_dir: Path, names: list[str] | None = None) -> list[str]:
+    """Problems (one line each, naming the file) with ``names`` (default: all listed files)."""
+    listed = json.loads((tag_dir / CHECKSUMS).read_text())
+    problems = []
+    for name in listed if names is None else names:
+        expected, path = listed[name], tag_dir / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        size = path.stat().st_size
+        if size != expected["size"]:
+            problems.append(f"{path}: {size} bytes, expected {expected['size']} (truncated?)")
+        elif file_digest(path)["xxh3_128"] != expected["xxh3_128"]:
+            problems.append(f"{path}: checksum mismatch (corrupted)")
+    return problems
+
+
+@dataclass
+class Loaded:
+    tag: str
+    state: dict[str, Any]
+    rng: dict[str, Any] | None
+
+
+class CheckpointManager:
+    """Saves and restores a DeepSpeed engine plus our state, collectively on every rank."""
+
+    def __init__(self, root: Path, keep_last: int, verify: bool = True, fsync: bool = False):
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.verify = verify
+        self.fsync = fsync
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+
+    # ---------------------------------------------------------------- save
+    def save(self, engine, step: int, state: dict[str, Any], rng_state: dict[str, Any]) -> Path:
+        tag = tag_of(step)
+        tag_dir = self.root / tag
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tag_dir.exists():  # a stale partial save of this step, or a re-save
+                shutil.rmtree(tag_dir)
+        dist.barrier()
+        engine.save_checkpoint(
+            str(self.root), tag=tag, client_state={"trainer": state}, save_latest=False
+        )
+        atomic.torch_save(rng_state, tag_dir / "rng" / f"rank_{self.rank:05d}.pt", fsync=self.fsync)
+        if self.rank == 0:
+            atomic.write_text(
+                tag_dir / STATE, json.dumps(state, indent=1, sort_keys=True), self.fsync
+            )
+        dist.barrier()
+        faults.pause_in_save()
+        self._write_checksums(tag_dir)
+        if self.rank == 0:
+            atomic.write_text(tag_dir / MARKER, f"{tag}\n")
+            atomic.write_text(self.root / LATEST, tag)
+            self._prune()
+        dist.barrier()
+        return tag_dir
+
+    def _write_checksums(self, tag_dir: Path) -> None:
+        names = [None]
+        if self.rank == 0:
+            names[0] = sorted(
+                str(p.relative_to(tag_dir))
+                for p in tag_dir.rglob("*")
+                if p.is_file() and p.name not in (MARKER, CHECKSUMS)
+            )
+        dist.broadcast_object_list(names, src=0)
+        mine = {n: file_digest(tag_dir / n, self.fsync) for n in names[0][self.rank :: self.world]}
+        gathered: list[dict] = [{} for _ in range(self.world)]
+        dist.all_gather_object(gathered, mine)
+        if self.rank == 0:
+            merged = {k: v for part in gathered for k, v in part.items()}
+            atomic.write_text(
+                tag_dir / CHECKSUMS, json.dumps(merged, indent=1, sort_keys=True), self.fsync
+            )
+
+    def _prune(self) -> None:
+        tags = complete_tags(self.root)
+        keep = set(tags[-self.keep_last :])
+        newest = step_of(tags[-1]) if tags else -1
+        for p in self.root.iterdir():
+            if not p.is_dir() or not p.name.startswith(_TAG_PREFIX) or p.name in keep:
+                continue
+            if (p / MARKER).is_file() or step_of(p.name) < newest:
+                shutil.rmtree(p, ignore_errors=True)
+
+    # ---------------------------------------------------------------- load
+    def latest(self) -> str | None:
+        """The tag every rank will resume from (decided on rank 0), or None."""
+        tag = [latest_complete(self.root) if self.rank == 0 else None]
+        dist.broadcast_object_list(tag, src=0)
+        return tag[0]
+
+    def load(self, engine, tag: str) -> Loaded:
+        """Verify (every rank checks a share of the files), then restore engine + RNG."""
+        tag_dir = self.root / tag
+        state = read_state(tag_dir)
+        if self.verify:
+            self._verify(tag_dir)
+        path, _client = engine.load_checkpoint(
+            str(self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        rng_file = tag_dir / "rng" / f"rank_{self.rank:05d}.pt"
+        rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
+        return Loaded(tag=tag, state=state, rng=rng)
+
+    def _verify(self, tag_dir: Path) -> None:
+        checksums = tag_dir / CHECKSUMS
+        if not checksums.is_file():
+            raise CheckpointError(f"checkpoint {tag_dir} has no {CHECKSUMS}")
+        names = sorted(json.loads(checksums.read_text()))
+        mine = verify_files(tag_dir, names[self.rank :: self.world])
+        gathered: list[list[str]] = [[] for _ in range(self.world)]
+        dist.all_gather_object(gathered, mine)
+        problems = [p for part in gathered for p in part]
+        if problems:
+            raise CheckpointError(
+                f"checkpoint {tag_dir} failed verification, nothing was loaded:\n  "
+                + "\n  ".join(problems)
+            )

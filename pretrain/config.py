@@ -1,0 +1,219 @@
+"""The training configuration: YAML presets validated into dataclasses.
+
+``load_config(path, overrides)`` reads a preset, applies ``dotted.key=value`` overrides (values
+parsed as YAML), and validates every field; errors name the key and the bad value. The DeepSpeed
+JSON is derived from this (``pretrain.ds_config``), never written by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from model import ModelConfig
+from model.strict_config import ConfigError, check, from_dict, to_dict
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor parallel × data parallel (PP = 1); DP = world size / tensor."""
+
+    tensor: int = 1
+    zero_stage: int = 1
+    offload_optimizer: bool = False
+    sequence_parallel: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        check(self.tensor >= 1, "parallel.tensor", f"must be >= 1, got {self.tensor}")
+        check(
+            self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"{self.zero_stage} not in 0-3"
+        )
+        check(
+            not (self.zero_stage == 0 and self.precision == "bf16"),
+            "parallel.precision",
+            "bf16 with zero_stage 0 is refused: DeepSpeed 0.19 takes a spurious optimizer step at "
+            "init and under-reports the TP grad norm in that mode; use zero_stage >= 1",
+        )
+        check(
+            not (self.offload_optimizer and self.zero_stage == 0),
+            "parallel.offload_optimizer",
+            "optimizer offload needs zero_stage >= 1",
+        )
+
+
+@dataclass
+class DataConfig:
+    """Where the token data is: a data_prep manifest (splits, blend weights, tokenizer)."""
+
+    manifest: str = ""
+    seed: int = 1234
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        check(bool(self.manifest), "data.manifest", "a data_prep manifest path is required")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    warmup_steps: int = 100
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "optimizer.lr", f"must be > 0, got {self.lr}")
+        check(
+            0 <= self.min_lr <= self.lr,
+            "optimizer.min_lr",
+            f"must be in [0, lr], got {self.min_lr}",
+        )
+        check(len(self.betas) == 2, "optimizer.betas", f"needs two values, got {self.betas}")
+        check(self.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+        check(self.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class TrainingConfig:
+    train_steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 50
+    eval_steps: int = 4
+    nonfinite: Literal["skip", "halt"] = "halt"
+    exit_at_step: int | None = None
+    timeout_minutes: float = 10.0
+
+    def __post_init__(self) -> None:
+        for key in ("train_steps", "micro_batch_size", "global_batch_size", "log_interval"):
+            check(
+                getattr(self, key) > 0, f"training.{key}", f"must be > 0, got {getattr(self, key)}"
+            )
+        check(self.eval_interval >= 0, "training.eval_interval", "must be >= 0 (0 disables)")
+        check(self.timeout_minutes > 0, "training.timeout_minutes", "must be > 0")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None
+    interval: int = 100
+    keep_last: int = 3
+    verify: bool = True
+    fsync: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.interval >= 0, "checkpoint.interval", "must be >= 0 (0: only on signal/exit)")
+        check(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    peak_tflops: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; ``run_dir`` holds its checkpoints, TensorBoard logs and config."""
+
+    run_dir: str
+    model: ModelConfig
+    data: DataConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        self.model.check_tensor_parallel(self.parallel.tensor)
+        check(
+            self.training.global_batch_size % self.training.micro_batch_size == 0,
+            "training.global_batch_size",
+            f"{self.training.global_batch_size} is not a multiple of micro_batch_size "
+            f"{self.training.micro_batch_size}",
+        )
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.run_dir) / "checkpoints")
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return Path(self.run_dir) / "tensorboard"
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP size for ``world_size`` ranks; raises ``ConfigError`` when the shapes do not fit."""
+        tp = self.parallel.tensor
+        check(
+            world_size % tp == 0,
+            "parallel.tensor",
+            f"world size {world_size} is not divisible by tensor-parallel size {tp}",
+        )
+        dp = world_size // tp
+        per_step = self.training.micro_batch_size * dp
+        check(
+            self.training.global_batch_size % per_step == 0,
+            "training.global_batch_size",
+            f"{self.training.global_batch_size} is not divisible by micro_batch_size × DP = "
+            f"{self.training.micro_batch_size} × {dp} = {per_step}",
+        )
+        return dp
+
+    def grad_accumulation(self, world_size: int) -> int:
+        dp = self.data_parallel_size(world_size)
+        return self.training.global_batch_size // (self.training.micro_batch_size * dp)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override (value parsed as YAML) to ``data`` in place."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {assignment!r} is not of the form dotted.key=value")
+    value = yaml.safe_load(raw) if raw != "" else ""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+) -> TrainConfig:
+    """Read a YAML preset (or start empty), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded or {}
+    for assignment in overrides:
+        apply_override(data, assignment)
+    where = f" (in {path})" if path else ""
+    try:
+        return from_dict(TrainConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{where}") from None

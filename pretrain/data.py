@@ -1,0 +1,90 @@
+"""Training/validation data: megatron-core GPTDatasets over data_prep outputs, batched by
+consumed samples so the sample order never depends on the world size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+from model.strict_config import ConfigError
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            *(
+                t.to(device, non_blocking=True)
+                for t in (self.tokens, self.labels, self.loss_mask, self.position_ids)
+            )
+        )
+
+
+def build_datasets(
+    tokenizer: Any,
+    blend_kwargs: dict[str, Any],
+    *,
+    seq_length: int,
+    seed: int,
+    num_train: int,
+    num_valid: int,
+    cache_dir: Path | None,
+) -> tuple[GPTDataset, GPTDataset | None]:
+    """Train and validation datasets (built on every rank; rank 0 fills the cache first)."""
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=str(cache_dir) if cache_dir else None,
+        mmap_bin_files=True,
+        **blend_kwargs,
+    )
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [num_train, num_valid, 0], lambda: True, config
+    ).build()
+    if train is None:
+        raise ConfigError("data.manifest: the training split is empty")
+    if num_valid and valid is None:
+        raise ConfigError(
+            "data.manifest: validation is enabled but the manifest has no valid split"
+        )
+    return train, valid
+
+
+def micro_batches(
+    dataset, first_sample: int, *, micro: int, dp: int, dp_rank: int, accumulation: int
+) -> Iterator[Batch]:
+    """This rank's micro-batches of the global batch starting at sample ``first_sample``.
+
+    The global batch is samples ``[first, first + micro·dp·accumulation)`` whatever the split:
+    micro-step ``j`` covers ``micro·dp`` consecutive samples and DP rank ``r`` takes its
+    ``micro``-sized slice, so any (micro, DP, accumulation) with the same global batch trains on
+    the same samples per step.
+    """
+    for j in range(accumulation):
+        start = first_sample + (j * dp + dp_rank) * micro
+        yield collate([dataset[i] for i in range(start, start + micro)])
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> Batch:
+    return Batch(
+        tokens=torch.stack([s["tokens"] for s in samples]),
+        labels=torch.stack([s["labels"] for s in samples]),
+        loss_mask=torch.stack([s["loss_mask"] for s in samples]),
+        position_ids=torch.stack([s["position_ids"] for s in samples]),
+    )

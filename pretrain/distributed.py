@@ -1,0 +1,57 @@
+"""Process groups: torch.distributed via DeepSpeed, then megatron-core's TP × DP groups."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from pretrain.launch_env import LaunchEnv
+
+
+def backend() -> str:
+    """NCCL on GPUs, gloo (with DeepSpeed's CPU accelerator) otherwise."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init(env: LaunchEnv, tensor_parallel: int, timeout_minutes: float) -> None:
+    """Initialise the default group (finite timeout) and megatron's parallel state."""
+    import deepspeed
+
+    env.export()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    deepspeed.init_distributed(
+        dist_backend=backend(), auto_mpi_discovery=False, timeout=timeout, verbose=False
+    )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        distributed_timeout_minutes=max(1, round(timeout_minutes)),
+    )
+
+
+def shutdown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def device() -> torch.device:
+    """Where this rank's tensors live."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

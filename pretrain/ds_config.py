@@ -1,0 +1,40 @@
+"""Derive DeepSpeed's JSON config from a ``TrainConfig`` (never written by hand)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pretrain.config import TrainConfig
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """DeepSpeed settings for ``world_size`` ranks (DP = world / TP)."""
+    t, p, o = cfg.training, cfg.parallel, cfg.optimizer
+    opt_params: dict[str, Any] = {
+        "lr": o.lr,
+        "betas": list(o.betas),
+        "eps": o.eps,
+        "weight_decay": o.weight_decay,
+    }
+    if not torch.cuda.is_available() and not p.offload_optimizer:
+        opt_params["torch_adam"] = True  # DeepSpeed's fused Adam is a CUDA kernel
+    zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if p.zero_stage == 3:
+        # keep whole-model gathering out of the save path; we reshard via universal checkpoints
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accumulation(world_size),
+        "gradient_clipping": o.grad_clip,
+        "optimizer": {"type": "AdamW", "params": opt_params},
+        "zero_optimization": zero,
+        "bf16": {"enabled": p.precision == "bf16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"tag_validation": "FAIL"},
+    }

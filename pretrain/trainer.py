@@ -1,0 +1,354 @@
+"""The training loop: DeepSpeed engine over a megatron-core GPT, resumable bit for bit."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from model import build_gpt
+from model.strict_config import ConfigError
+from model.tp_layout import layout_of
+from pretrain import distributed, faults, rng
+from pretrain.checkpoint import CheckpointError, CheckpointManager
+from pretrain.config import TrainConfig
+from pretrain.data import build_datasets, micro_batches
+from pretrain.ds_config import deepspeed_config
+from pretrain.flops import flops_per_token, peak_tflops
+from pretrain.launch_env import LaunchEnv
+from pretrain.lr_schedule import lr_at
+from pretrain.metrics import Metrics, memory_gb
+from pretrain.mpu import MegatronMPU
+from pretrain.sequence_parallel import allreduce_sequence_parallel_grads
+from pretrain.signals import EXIT_DONE, EXIT_NONFINITE, EXIT_RESUMABLE, StopRequest
+from pretrain.versions import library_versions
+
+
+class NonFiniteError(RuntimeError):
+    """Loss or gradient went NaN/inf under the ``halt`` policy."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None
+    skipped: bool
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices; none on biases and norm weights."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class Trainer:
+    def __init__(
+        self, cfg: TrainConfig, env: LaunchEnv, tokenizer: Any, blend_kwargs: dict[str, Any]
+    ):
+        self.cfg = cfg
+        self.env = env
+        self.tokenizer = tokenizer
+        self.blend_kwargs = blend_kwargs
+        self.stop = StopRequest()
+        self.step = 0
+        self.consumed_samples = 0
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg, env = self.cfg, self.env
+        self.stop.install()
+        distributed.init(env, cfg.parallel.tensor, cfg.training.timeout_minutes)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dp = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.accumulation = cfg.grad_accumulation(self.world)
+        self.device = distributed.device()
+        rng.seed_everything(cfg.training.seed)
+        self.metrics = Metrics(
+            cfg.tensorboard_dir,
+            cfg.logging.tensorboard,
+            self.rank,
+            Path(cfg.run_dir) / "metrics.jsonl",
+        )
+
+        g = cfg.training.global_batch_size
+        evals = cfg.training.eval_steps if cfg.training.eval_interval else 0
+        self.train_ds, self.valid_ds = build_datasets(
+            self.tokenizer,
+            self.blend_kwargs,
+            seq_length=cfg.model.seq_length,
+            seed=cfg.data.seed,
+            num_train=cfg.training.train_steps * g,
+            num_valid=evals * g,
+            cache_dir=cfg.data.cache_dir or (cfg.checkpoint_dir.parent / "data_cache"),
+        )
+
+        import deepspeed
+
+        model = build_gpt(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel)
+        self.layout = {k: v.to_json() for k, v in layout_of(model).items()}
+        tp = cfg.parallel.tensor
+        self.num_params = sum(
+            p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+            for p in model.parameters()
+        )
+        if cfg.parallel.sequence_parallel and cfg.parallel.tensor > 1:
+            allreduce_sequence_parallel_grads(model)
+        self.engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, cfg.optimizer.weight_decay),
+            config=deepspeed_config(cfg, self.world),
+            mpu=MegatronMPU(),
+        )
+        self.checkpoints = CheckpointManager(
+            cfg.checkpoint_dir,
+            cfg.checkpoint.keep_last,
+            cfg.checkpoint.verify,
+            cfg.checkpoint.fsync,
+        )
+        self.flops_per_token = flops_per_token(cfg.model)
+        self.peak = peak_tflops(cfg.logging.peak_tflops)
+        self._resume()
+
+    def _resume(self) -> None:
+        tag = self.checkpoints.latest()
+        if tag is None:
+            self.metrics.print(
+                f"[train] no checkpoint in {self.cfg.checkpoint_dir}; starting fresh"
+            )
+            return
+        loaded = self.checkpoints.load(self.engine, tag)
+        self._check_compatible(loaded.state)
+        self.step = loaded.state["step"]
+        self.consumed_samples = loaded.state["consumed_samples"]
+        self.skipped_steps = loaded.state.get("skipped_steps", 0)
+        if loaded.rng is not None:
+            rng.restore(loaded.rng)
+        self.metrics.print(
+            f"[train] resumed from {tag}: step {self.step}, {self.consumed_samples} samples"
+        )
+
+    def _check_compatible(self, state: dict[str, Any]) -> None:
+        saved_model = state["config"]["model"]
+        current = self.cfg.to_dict()["model"]
+        diff = sorted(
+            k for k in set(saved_model) | set(current) if saved_model.get(k) != current.get(k)
+        )
+        if diff:
+            details = ", ".join(f"{k}: {saved_model.get(k)!r} -> {current.get(k)!r}" for k in diff)
+            raise CheckpointError(f"checkpoint model config differs from this run's ({details})")
+        saved = state["topology"]
+        here = {
+            "tensor": self.cfg.parallel.tensor,
+            "data": self.dp,
+            "zero_stage": self.cfg.parallel.zero_stage,
+        }
+        if saved != here:
+            raise CheckpointError(
+                f"checkpoint was saved with {saved}, this run has {here}; resuming with another "
+                "layout needs the universal-checkpoint conversion"
+            )
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> int:
+        cfg = self.cfg
+        self.metrics.print(
+            f"[train] {self.world} ranks (TP {cfg.parallel.tensor} × DP {self.dp}), "
+            f"ZeRO-{cfg.parallel.zero_stage}, {cfg.parallel.precision}, "
+            f"grad accumulation {self.accumulation}, "
+            f"{self.num_params:,} parameters"
+        )
+        while self.step < cfg.training.train_steps:
+            t0 = time.perf_counter()
+            result = self._train_step()
+            elapsed = time.perf_counter() - t0
+            self.step += 1
+            self.consumed_samples += cfg.training.global_batch_size
+            self.metrics.record(
+                {
+                    "step": self.step,
+                    "loss": result.loss,
+                    "lr": self.lr,
+                    "grad_norm": result.grad_norm,
+                    "skipped": result.skipped,
+                    "seconds": elapsed,
+                }
+            )
+            if self.step % cfg.training.log_interval == 0 or self.step == 1:
+                self._log(result, elapsed)
+            if cfg.training.eval_interval and self.step % cfg.training.eval_interval == 0:
+                self.evaluate()
+            stop_now = self.stop.requested or self.step == cfg.training.exit_at_step
+            stop_now = distributed.any_rank(stop_now)
+            periodic = cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0
+            finished = self.step == cfg.training.train_steps
+            if periodic or stop_now or finished:
+                self.save()
+            if stop_now and not finished:
+                self.metrics.print(f"[train] stopping after step {self.step} (checkpoint written)")
+                return EXIT_RESUMABLE
+        if cfg.training.eval_interval and self.step % cfg.training.eval_interval:
+            self.evaluate()
+        return EXIT_DONE
+
+    def _train_step(self) -> StepResult:
+        cfg, engine = self.cfg, self.engine
+        lr = lr_at(self.step, cfg.optimizer, cfg.training.train_steps)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.lr = lr
+        losses = []
+        batches = micro_batches(
+            self.train_ds,
+            self.consumed_samples,
+            micro=cfg.training.micro_batch_size,
+            dp=self.dp,
+            dp_rank=self.dp_rank,
+            accumulation=self.accumulation,
+        )
+        grad_norm = None
+        for i, batch in enumerate(batches):
+            batch = batch.to(self.device)
+            per_token = engine(batch.tokens, batch.position_ids, None, labels=batch.labels)
+            loss = (per_token.float() * batch.loss_mask).sum() / batch.loss_mask.sum()
+            if faults.nan_at_step(self.step, self.rank):
+                loss = loss * float("nan")
+            engine.backward(loss)
+            losses.append(loss.detach())
+            if i == self.accumulation - 1:
+                nonfinite = distributed.any_rank(not all(torch.isfinite(x) for x in losses))
+                if cfg.parallel.zero_stage == 0:
+                    grad_norm = self._zero0_grad_norm()
+                    nonfinite = nonfinite or not math.isfinite(grad_norm)
+                if nonfinite and cfg.training.nonfinite == "halt":
+                    raise NonFiniteError(f"non-finite loss or gradient at step {self.step + 1}")
+                if nonfinite and cfg.parallel.zero_stage == 0:
+                    for p in engine.module.parameters():
+                        p.grad = None  # torch's AdamW skips params without grads
+            skipped_before = engine.skipped_steps
+            engine.step()
+        if cfg.parallel.zero_stage > 0:
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else None
+        skipped = nonfinite or engine.skipped_steps > skipped_before
+        if skipped and cfg.training.nonfinite == "halt":
+            raise NonFiniteError(
+                f"non-finite gradient at step {self.step + 1} (DeepSpeed skipped it)"
+            )
+        if skipped:
+            self.skipped_steps += 1
+        mean = torch.stack(losses).mean()
+        dist.all_reduce(mean, group=parallel_state.get_data_parallel_group())
+        return StepResult(loss=mean.item() / self.dp, grad_norm=grad_norm, skipped=skipped)
+
+    def _zero0_grad_norm(self) -> float:
+        from deepspeed.runtime.utils import get_global_norm_of_tensors
+
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(get_global_norm_of_tensors(grads, mpu=MegatronMPU()))
+
+    def _log(self, r: StepResult, elapsed: float) -> None:
+        cfg = self.cfg
+        tokens = cfg.training.global_batch_size * cfg.model.seq_length
+        tps = tokens / elapsed
+        tflops = self.flops_per_token * tps / self.world / 1e12
+        mfu = tflops / self.peak if self.peak else None
+        mem = memory_gb()
+        gn = f"{r.grad_norm:.3f}" if r.grad_norm is not None else "n/a"
+        self.metrics.print(
+            f"[train] step {self.step}/{cfg.training.train_steps} loss {r.loss:.4f} "
+            f"lr {self.lr:.3e} grad_norm {gn} {tps:,.0f} tok/s {tflops:.3f} TFLOP/s/rank"
+            + (f" MFU {100 * mfu:.1f}%" if mfu is not None else "")
+            + f" mem {mem:.2f} GiB skipped {self.skipped_steps}"
+        )
+        self.metrics.scalars(
+            self.step,
+            {
+                "train/loss": r.loss,
+                "train/lr": self.lr,
+                "train/grad_norm": r.grad_norm,
+                "train/tokens_per_sec": tps,
+                "train/tflops_per_rank": tflops,
+                "train/mfu": mfu,
+                "train/memory_gib": mem,
+                "train/skipped_steps": float(self.skipped_steps),
+            },
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.valid_ds is None:
+            return None
+        cfg = self.cfg
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        g = cfg.training.global_batch_size
+        for k in range(cfg.training.eval_steps):
+            for batch in micro_batches(
+                self.valid_ds,
+                k * g,
+                micro=cfg.training.micro_batch_size,
+                dp=self.dp,
+                dp_rank=self.dp_rank,
+                accumulation=self.accumulation,
+            ):
+                batch = batch.to(self.device)
+                per_token = self.engine(batch.tokens, batch.position_ids, None, labels=batch.labels)
+                total[0] += (per_token.double() * batch.loss_mask).sum()
+                total[1] += batch.loss_mask.sum()
+        self.engine.train()
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        loss = (total[0] / total[1]).item()
+        ppl = math.exp(min(loss, 50))
+        self.metrics.print(
+            f"[valid] step {self.step} loss {loss:.4f} ppl {ppl:.3f} "
+            f"({int(total[1].item())} tokens)"
+        )
+        self.metrics.scalars(self.step, {"valid/loss": loss, "valid/ppl": ppl})
+        self.metrics.record(
+            {
+                "step": self.step,
+                "valid_loss": loss,
+                "valid_ppl": ppl,
+                "valid_tokens": int(total[1].item()),
+            }
+        )
+        self.last_valid = {"loss": loss, "ppl": ppl, "step": self.step}
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> None:
+        state = {
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "skipped_steps": self.skipped_steps,
+            "config": self.cfg.to_dict(),
+            "topology": {
+                "tensor": self.cfg.parallel.tensor,
+                "data": self.dp,
+                "zero_stage": self.cfg.parallel.zero_stage,
+            },
+            "tp_layout": self.layout,
+            "versions": library_versions(),
+        }
+        t0 = time.perf_counter()
+        path = self.checkpoints.save(self.engine, self.step, state, rng.capture())
+        self.metrics.print(f"[ckpt] saved {path} in {time.perf_counter() - t0:.1f}s")
+
+    def close(self) -> None:
+        self.metrics.close()
+        distributed.shutdown()
+
+
+__all__ = ["Trainer", "NonFiniteError", "ConfigError", "CheckpointError", "EXIT_NONFINITE"]
