@@ -23,17 +23,16 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from data_prep.atomic import read_json, remove_stale_tmp, write_json
-from data_prep.encoder import DocumentEncoder
+from data_prep.encoder import DocumentEncoder, encoder_blocker
 from data_prep.errors import DataPrepError
 from data_prep.indexed import merge_datasets, optimal_dtype, read_index, write_dataset
 from data_prep.sources import Corpus
 from data_prep.tokenizer import SentencePieceTokenizer
 
 FORMAT = "mmidx-v1/one-sequence-per-document"
-SHARD_CHARS = 4_000_000
+SHARD_CHARS = 2_000_000
 PAUSE_ENV = "DATA_PREP_PAUSE_AFTER_SHARDS"  # test hook: stop (sleep) after N shards are written
 
 
@@ -264,6 +263,10 @@ def tokenize_corpora(
     if not jobs:
         return results
     out_dir.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm  # not in the workers' imports
+
+    if fast and (reason := encoder_blocker(tokenizer.model_path)):
+        print(f"data_prep: encoding whole documents with sp.encode ({reason})", file=sys.stderr)
     pool = _Pool(workers, str(tokenizer.model_path), fast)
     bar = tqdm(desc="tokenize", unit="doc", disable=not progress, dynamic_ncols=True)
     completed, tokens, t0 = 0, 0, time.perf_counter()

@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--workers", type=int, default=2, help="encoder processes (0 = in-process)")
-    p.add_argument("--shard-chars", type=int, default=4_000_000, help="characters per shard")
+    p.add_argument("--shard-chars", type=int, default=2_000_000, help="characters per shard")
     p.add_argument(
         "--no-fast",
         action="store_true",

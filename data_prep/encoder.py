@@ -61,6 +61,14 @@ def fast_path_blocker(proto) -> str | None:
     return None
 
 
+def encoder_blocker(model_path: str | Path) -> str | None:
+    """Why :class:`DocumentEncoder` would encode whole documents for this model, or None."""
+    try:
+        return fast_path_blocker(_load_proto(Path(model_path)))
+    except ImportError as e:  # pragma: no cover - protobuf comes with tensorboard
+        return f"protobuf unavailable ({e})"
+
+
 def _raw_proto(proto) -> bytes:
     """The same model with an identity normaliser: it encodes already-normalised text as is."""
     raw = type(proto)()

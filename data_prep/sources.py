@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import json
 import lzma
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,7 +268,3 @@ def _read_hf(hf: tuple[str, str | None, str], text_field: str) -> Iterator[str]:
                 f"is {type(text).__name__}, not a string"
             )
         yield text
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -136,7 +136,7 @@ class WikiTextSource:
         )
         if "text" not in ds.column_names:
             raise DataPrepError(f"{self.describe()}: no 'text' column ({ds.column_names})")
-        return ds["text"]
+        return ds.data.column("text").to_pylist()  # ds["text"] iterates ~50× slower
 
 
 def _file_lines(path: Path) -> list[str]:

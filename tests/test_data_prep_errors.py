@@ -220,3 +220,22 @@ def test_killed_run_resumes_to_identical_output(tmp_path, docs, model):
         resumed = (out / f"wiki_text_document{ext}").read_bytes()
         assert resumed == (tmp_path / "clean" / f"wiki_text_document{ext}").read_bytes(), ext
     assert clean["shards"] > len(finished)
+
+
+def test_datasets_streaming_source_gives_the_same_dataset(tmp_path, docs, model):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "ds" / "data").mkdir(parents=True)
+    table = pa.table({"text": docs[:300]})
+    pq.write_table(table, tmp_path / "ds" / "data" / "train-00000-of-00001.parquet")
+    streamed = parse_corpus(f"s=hf:{tmp_path / 'ds'}::train")
+    assert streamed.hf == (str(tmp_path / "ds"), None, "train")
+    local = Corpus("s", paths=[str(write_jsonl(tmp_path / "s.jsonl", docs[:300]))])
+    tokenize_corpora([streamed], model, tmp_path / "a", workers=0, progress=False)
+    tokenize_corpora([local], model, tmp_path / "b", workers=0, progress=False)
+    for ext in (".bin", ".idx"):
+        a = (tmp_path / "a" / f"s_text_document{ext}").read_bytes()
+        assert a == (tmp_path / "b" / f"s_text_document{ext}").read_bytes()
+    bad = parse_corpus(f"s=hf:{tmp_path / 'ds'}::train", text_field="body")
+    _fails(model, bad, tmp_path / "o", r"no column 'body' \(columns: \['text'\]\)", workers=0)
