@@ -142,7 +142,7 @@ class CheckpointManager:
                 tag_dir / STATE, json.dumps(state, indent=1, sort_keys=True), self.fsync
             )
         dist.barrier()
-        faults.pause_in_save()
+        faults.pause_in_save(step)
         self._write_checksums(tag_dir)
         if self.rank == 0:
             atomic.write_text(tag_dir / MARKER, f"{tag}\n")

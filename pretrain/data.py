@@ -88,3 +88,25 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> Batch:
         loss_mask=torch.stack([s["loss_mask"] for s in samples]),
         position_ids=torch.stack([s["position_ids"] for s in samples]),
     )
+
+
+def load_data(cfg) -> tuple[Any, dict[str, Any]]:
+    """Tokenizer and megatron blend arguments from the run's data_prep manifest, checked up front
+    (missing files, empty splits, vocabulary too large for the model) so a bad manifest fails
+    before any process-group work."""
+    from data_prep.errors import DataPrepError
+    from data_prep.manifest import load_manifest
+
+    try:
+        manifest = load_manifest(cfg.data.manifest)
+        manifest.check_nonempty()
+        tokenizer = manifest.tokenizer()
+        blend = manifest.gpt_dataset_kwargs()
+    except DataPrepError as e:
+        raise ConfigError(f"config key 'data.manifest': {e}") from None
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
+            f"tokenizer's vocabulary ({tokenizer.vocab_size}, {manifest.tokenizer_model})"
+        )
+    return tokenizer, blend

@@ -26,7 +26,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     if p.zero_stage == 3:
         # keep whole-model gathering out of the save path; we reshard via universal checkpoints
         zero["stage3_gather_16bit_weights_on_model_save"] = False
-    return {
+    ds = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accumulation(world_size),
@@ -38,3 +38,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "checkpoint": {"tag_validation": "FAIL"},
     }
+    if p.zero_stage == 0:
+        # ZeRO-0 gets our SkippableAdamW, and clipping happens in pretrain.optimizer (one norm pass)
+        del ds["optimizer"]
+        ds["gradient_clipping"] = 0.0
+    return ds

@@ -1,7 +1,7 @@
 """Fault injection for tests, driven by environment variables (all off by default).
 
-- ``TWICING_FAULT_SAVE_PAUSE=S``: sleep S seconds inside a checkpoint save, after the shards are
-  written and before the completion marker (a window to SIGKILL a save mid-way).
+- ``TWICING_FAULT_SAVE_PAUSE=STEP:S``: inside the checkpoint save of step STEP, sleep S seconds
+  after the shards are written and before the completion marker (a window to SIGKILL a save).
 - ``TWICING_FAULT_NAN_AT_STEP=N``: make rank 0's loss NaN at optimizer step N.
 """
 
@@ -11,11 +11,14 @@ import os
 import time
 
 
-def pause_in_save() -> None:
-    seconds = float(os.environ.get("TWICING_FAULT_SAVE_PAUSE", "0") or 0)
-    if seconds > 0:
-        print(f"[fault] pausing {seconds}s inside checkpoint save", flush=True)
-        time.sleep(seconds)
+def pause_in_save(step: int) -> None:
+    spec = os.environ.get("TWICING_FAULT_SAVE_PAUSE")
+    if not spec:
+        return
+    at, _, seconds = spec.partition(":")
+    if int(at) == step:
+        print(f"[fault] pausing {seconds}s inside the checkpoint save of step {step}", flush=True)
+        time.sleep(float(seconds))
 
 
 def nan_at_step(step: int, rank: int) -> bool:

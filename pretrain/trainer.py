@@ -12,20 +12,17 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from model import build_gpt
 from model.strict_config import ConfigError
-from model.tp_layout import layout_of
 from pretrain import distributed, faults, rng
 from pretrain.checkpoint import CheckpointError, CheckpointManager
 from pretrain.config import TrainConfig
 from pretrain.data import build_datasets, micro_batches
-from pretrain.ds_config import deepspeed_config
+from pretrain.engine import build_engine, lm_loss
 from pretrain.flops import flops_per_token, peak_tflops
 from pretrain.launch_env import LaunchEnv
 from pretrain.lr_schedule import lr_at
 from pretrain.metrics import Metrics, memory_gb
-from pretrain.mpu import MegatronMPU
-from pretrain.sequence_parallel import allreduce_sequence_parallel_grads
+from pretrain.optimizer import zero0_prepare_step
 from pretrain.signals import EXIT_DONE, EXIT_NONFINITE, EXIT_RESUMABLE, StopRequest
 from pretrain.versions import library_versions
 
@@ -39,16 +36,6 @@ class StepResult:
     loss: float
     grad_norm: float | None
     skipped: bool
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices; none on biases and norm weights."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 class Trainer:
@@ -94,23 +81,8 @@ class Trainer:
             cache_dir=cfg.data.cache_dir or (cfg.checkpoint_dir.parent / "data_cache"),
         )
 
-        import deepspeed
-
-        model = build_gpt(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel)
-        self.layout = {k: v.to_json() for k, v in layout_of(model).items()}
-        tp = cfg.parallel.tensor
-        self.num_params = sum(
-            p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
-            for p in model.parameters()
-        )
-        if cfg.parallel.sequence_parallel and cfg.parallel.tensor > 1:
-            allreduce_sequence_parallel_grads(model)
-        self.engine, *_ = deepspeed.initialize(
-            model=model,
-            model_parameters=param_groups(model, cfg.optimizer.weight_decay),
-            config=deepspeed_config(cfg, self.world),
-            mpu=MegatronMPU(),
-        )
+        built = build_engine(cfg, self.world)
+        self.engine, self.num_params, self.layout = built.engine, built.num_params, built.layout
         self.checkpoints = CheckpointManager(
             cfg.checkpoint_dir,
             cfg.checkpoint.keep_last,
@@ -220,22 +192,22 @@ class Trainer:
         grad_norm = None
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
-            per_token = engine(batch.tokens, batch.position_ids, None, labels=batch.labels)
-            loss = (per_token.float() * batch.loss_mask).sum() / batch.loss_mask.sum()
+            loss = lm_loss(engine, batch.tokens, batch.position_ids, batch.labels, batch.loss_mask)
             if faults.nan_at_step(self.step, self.rank):
                 loss = loss * float("nan")
             engine.backward(loss)
             losses.append(loss.detach())
             if i == self.accumulation - 1:
                 nonfinite = distributed.any_rank(not all(torch.isfinite(x) for x in losses))
-                if cfg.parallel.zero_stage == 0:
-                    grad_norm = self._zero0_grad_norm()
-                    nonfinite = nonfinite or not math.isfinite(grad_norm)
                 if nonfinite and cfg.training.nonfinite == "halt":
-                    raise NonFiniteError(f"non-finite loss or gradient at step {self.step + 1}")
-                if nonfinite and cfg.parallel.zero_stage == 0:
-                    for p in engine.module.parameters():
-                        p.grad = None  # torch's AdamW skips params without grads
+                    raise NonFiniteError(f"non-finite loss at step {self.step + 1}")
+                if cfg.parallel.zero_stage == 0:
+                    grad_norm, nonfinite = zero0_prepare_step(
+                        engine,
+                        parallel_state.get_tensor_model_parallel_group(),
+                        cfg.optimizer.grad_clip,
+                        nonfinite,
+                    )
             skipped_before = engine.skipped_steps
             engine.step()
         if cfg.parallel.zero_stage > 0:
@@ -251,12 +223,6 @@ class Trainer:
         mean = torch.stack(losses).mean()
         dist.all_reduce(mean, group=parallel_state.get_data_parallel_group())
         return StepResult(loss=mean.item() / self.dp, grad_norm=grad_norm, skipped=skipped)
-
-    def _zero0_grad_norm(self) -> float:
-        from deepspeed.runtime.utils import get_global_norm_of_tensors
-
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return float(get_global_norm_of_tensors(grads, mpu=MegatronMPU()))
 
     def _log(self, r: StepResult, elapsed: float) -> None:
         cfg = self.cfg

@@ -46,3 +46,13 @@ def one_rank():
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
     yield
+
+
+@pytest.fixture(scope="session")
+def wikitext_manifest(tmp_path_factory) -> Path:
+    """WikiText-2 from ../shared tokenized with a 1024-piece BPE (once per test session)."""
+    from data_prep.pipeline import prepare_wikitext
+
+    source = need_shared("data", "wikitext")
+    out = tmp_path_factory.mktemp("wikitext2")
+    return prepare_wikitext(out, name="wikitext-2", source=source, vocab_size=1024, progress=False)
