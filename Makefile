@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test lint bench clean
+.PHONY: install demo test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
+
+demo: install
+	DS_ACCELERATOR=cpu $(PY) -m pretrain.demo
 
 test: install
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q $(PYTEST_ARGS)
