@@ -90,7 +90,9 @@ def cmd_train_tokenizer(args) -> None:
         user_defined_symbols=args.user_defined_symbols or [],
         seed=args.seed,
     )
-    model = train_tokenizer(_corpora(args), args.out, options, num_threads=args.threads)
+    model = train_tokenizer(
+        _corpora(args), args.out, options, num_threads=args.threads, progress=not args.no_progress
+    )
     print(model)
 
 
@@ -239,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user-defined-symbols", nargs="*")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train_tokenizer)
 
     p = sub.add_parser("tokenize", help="corpora → {out}/{name}_text_document.{bin,idx}")

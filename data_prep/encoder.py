@@ -96,7 +96,7 @@ class DocumentEncoder:
         *,
         fast: bool = True,
         num_threads: int = 1,
-        max_cache: int = 4_000_000,
+        max_cache: int = 2_000_000,
     ) -> None:
         model_path = Path(model_path)
         self.sp = spm.SentencePieceProcessor(model_file=str(model_path))

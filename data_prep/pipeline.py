@@ -54,7 +54,10 @@ def prepare_wikitext(
         )
     options = TokenizerOptions(model_type=model_type, vocab_size=vocab_size)
     model = train_tokenizer(
-        [corpora["train"]], out_dir / "tokenizer" / f"{name}.{model_type}{vocab_size}", options
+        [corpora["train"]],
+        out_dir / "tokenizer" / f"{name}.{model_type}{vocab_size}",
+        options,
+        progress=progress,
     )
     tokenize_corpora(list(corpora.values()), model, out_dir, workers=workers, progress=progress)
     manifest = Manifest(

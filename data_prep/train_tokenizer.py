@@ -111,11 +111,12 @@ def train_tokenizer(
     *,
     num_threads: int | None = None,
     reuse: bool = True,
+    progress: bool = False,
 ) -> Path:
     """Train on the corpora's lines and write ``{model_prefix}.model/.vocab/.json``.
 
     With ``reuse``, an existing model whose metadata records the same corpora and options is kept.
-    Returns the ``.model`` path.
+    Returns the ``.model`` path. ``progress`` shows a bar while lines are read.
     """
     options = options or TokenizerOptions()
     model_prefix = Path(model_prefix)
@@ -144,18 +145,39 @@ def train_tokenizer(
     first = next(stream, None)
     if first is None:
         raise DataPrepError(f"no training text in corpora {[c.name for c in corpora]}")
+
+    failure: list[DataPrepError] = []  # sentencepiece wraps errors raised by the iterator
+
+    def feed() -> Iterator[str]:
+        from tqdm import tqdm
+
+        desc = f"tokenizer: lines for {options.model_type} {options.vocab_size}"
+        with tqdm(desc=desc, unit=" lines", disable=not progress) as bar:
+            i = 0
+            try:
+                for i, line in enumerate(itertools.chain([first], stream), 1):
+                    if i % 4096 == 0:
+                        bar.update(4096)
+                    yield line
+            except DataPrepError as e:
+                failure.append(e)
+                raise
+            bar.update(i % 4096)
+
     spm.set_random_generator_seed(options.seed)
     with tempfile.TemporaryDirectory(dir=model_prefix.parent, prefix=".spm-") as tmp:
         tmp_prefix = Path(tmp) / "m"
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=itertools.chain([first], stream),
+                sentence_iterator=feed(),
                 model_prefix=str(tmp_prefix),
                 num_threads=num_threads or os.cpu_count() or 1,
                 minloglevel=2,
                 **options.trainer_kwargs(),
             )
         except RuntimeError as e:
+            if failure:
+                raise failure[0] from None
             raise DataPrepError(f"sentencepiece training failed: {e}") from e
         for ext in (".model", ".vocab"):
             os.replace(f"{tmp_prefix}{ext}", model_prefix.with_name(model_prefix.name + ext))

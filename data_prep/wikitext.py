@@ -193,7 +193,8 @@ def resolve_source(
         print(f"data_prep: {HUB_REPO} unavailable; using {shared}", file=sys.stderr)
         return WikiTextSource(name, "files", str(shared), cache)
     raise DataPrepError(
-        f"cannot get {name}: {hub_error}\nNo shared copy in {shared_wikitext_dir()} either. Pass a "
+        f"cannot get {name}: {hub_error}\nNo shared copy with wiki.train.{file_suffix(name)} in "
+        f"{shared_wikitext_dir()} either. Pass a "
         f"local copy: `python -m data_prep wikitext --source DIR` (or prepare_wikitext(source=DIR))"
         f", DIR being a download of the hub dataset {HUB_REPO} (its parquet layout, e.g. "
         f"{hub_config(name)}/train-00000-of-00001.parquet + README.md) or a directory with the "

@@ -72,3 +72,10 @@ def test_bad_tokenizer_inputs(tmp_path):
     empty = Corpus("e", documents=lambda: ["", "  \n "], fingerprint="e")
     with pytest.raises(DataPrepError, match="no training text"):
         train_tokenizer([empty], tmp_path / "e")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a b"}\n{"body": "c"}\n')
+    with pytest.raises(DataPrepError, match=r"bad.jsonl:2: no text field 'text'"):
+        train_tokenizer(
+            [Corpus("b", paths=[str(bad)])], tmp_path / "b", TokenizerOptions(vocab_size=50)
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # no model, no temp dir
