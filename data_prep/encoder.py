@@ -56,8 +56,8 @@ def fast_path_blocker(proto) -> str | None:
     if WS not in pieces:
         return f"{WS!r} is not a piece"
     for p in proto.pieces:
-        if p.type in (_NORMAL, _USER_DEFINED, _UNUSED) and WS in p.piece[1:]:
-            return f"piece {p.piece!r} contains {WS!r} after its first character"
+        if p.type in (_NORMAL, _USER_DEFINED, _UNUSED) and (WS in p.piece[1:] or " " in p.piece):
+            return f"piece {p.piece!r} contains whitespace after its first character"
     return None
 
 
