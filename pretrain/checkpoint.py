@@ -5,7 +5,9 @@ Layout under the checkpoint root::
     step_00000100/          one tag per saved step
         mp_rank_*/zero_*    DeepSpeed's per-rank model / optimizer shards
         rng/rank_00003.pt   each rank's RNG states (DeepSpeed keeps client state from one rank)
-        trainer_state.json  step, consumed samples, config, topology, library versions
+        tokenizer.model     the run's sentencepiece model (evaluation needs nothing else)
+        trainer_state.json  step, consumed samples, config, topology, TP layout, tokenizer,
+                            library versions
         checksums.json      size + xxh3-128 of every file above
         COMPLETE            written last, after every rank finished
     latest                  name of the newest complete tag, advanced only after COMPLETE
@@ -33,6 +35,7 @@ MARKER = "COMPLETE"
 LATEST = "latest"
 STATE = "trainer_state.json"
 CHECKSUMS = "checksums.json"
+TOKENIZER_FILE = "tokenizer.model"
 _TAG_PREFIX = "step_"
 
 
@@ -125,7 +128,15 @@ class CheckpointManager:
         self.world = dist.get_world_size()
 
     # ---------------------------------------------------------------- save
-    def save(self, engine, step: int, state: dict[str, Any], rng_state: dict[str, Any]) -> Path:
+    def save(
+        self,
+        engine,
+        step: int,
+        state: dict[str, Any],
+        rng_state: dict[str, Any],
+        files: dict[str, Path] | None = None,
+    ) -> Path:
+        """Collective save; ``files`` (name → source) are copied into the checkpoint by rank 0."""
         tag = tag_of(step)
         tag_dir = self.root / tag
         if self.rank == 0:
@@ -141,6 +152,8 @@ class CheckpointManager:
             atomic.write_text(
                 tag_dir / STATE, json.dumps(state, indent=1, sort_keys=True), self.fsync
             )
+            for name, source in (files or {}).items():
+                atomic.write_bytes(tag_dir / name, Path(source).read_bytes(), self.fsync)
         dist.barrier()
         faults.pause_in_save(step)
         self._write_checksums(tag_dir)

@@ -5,7 +5,9 @@
 2. trains a small twicing GPT on 2 CPU ranks (TP=2, DeepSpeed ZeRO-1) and stops half-way with a
    checkpoint (exit code 75, as after a preemption),
 3. resumes from that checkpoint to the end,
-4. prints the validation perplexity and where the TensorBoard logs are.
+4. evaluates the final checkpoint on all of WikiText-2 valid with ``pretrain.evaluate``
+   (token- and word-level perplexity, bits per byte, over-smoothing curve) and prints where the
+   results and TensorBoard logs are.
 """
 
 from __future__ import annotations
@@ -62,19 +64,35 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0:
         return code
 
-    rows = [
-        json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()
+    print("[demo] evaluating the final checkpoint on WikiText-2 valid", flush=True)
+    out = Path(cfg.run_dir) / "eval" / "wikitext-2-valid.json"
+    evaluate = [
+        "-m",
+        "pretrain.evaluate",
+        "--checkpoint",
+        cfg.run_dir,
+        "--data",
+        "wikitext-2:valid",
+        "--out",
+        str(out),
+        "--batch-size",
+        "16",
     ]
-    valid = [r for r in rows if "valid_ppl" in r]
-    final = valid[-1] if valid else None
+    if args.wikitext:
+        evaluate += ["--wikitext", args.wikitext]
+    code = launch(1, evaluate)
+    if code != 0:
+        return code
+    report = json.loads(out.read_text())
     print(f"[demo] done in {time.monotonic() - t0:.0f}s")
-    if final:
-        print(
-            f"[demo] validation perplexity at step {final['step']}: {final['valid_ppl']:.2f} "
-            f"(token-level, {final['valid_tokens']} tokens of WikiText-2 valid)"
-        )
+    print(
+        f"[demo] WikiText-2 valid after {report['step']} steps: token-level perplexity "
+        f"{report['token_ppl']:.2f}, word-level {report['word_ppl']:.2f} "
+        f"({report['tokens']:,} tokens, {report['words']:,} words)"
+    )
     print(f"[demo] checkpoints: {cfg.checkpoint_dir}")
-    print(f"[demo] TensorBoard: tensorboard --logdir {cfg.tensorboard_dir}")
+    print(f"[demo] evaluation: {out} (+ over-smoothing plot {out.with_suffix('.png')})")
+    print(f"[demo] TensorBoard: tensorboard --logdir {Path(cfg.run_dir) / 'tensorboard'}")
     return 0
 
 

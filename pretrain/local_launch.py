@@ -9,7 +9,6 @@ to every rank, and stops the others when one fails.
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import socket
@@ -68,18 +67,19 @@ def launch(nproc: int, command: list[str], grace_s: float = 30.0) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = (
+        "usage: python -m pretrain.local_launch --nproc N [--] <python args: -m pretrain.train ...>"
     )
-    parser.add_argument("--nproc", type=int, required=True)
-    parser.add_argument(
-        "command", nargs=argparse.REMAINDER, help="python arguments, e.g. -m pretrain.train ..."
-    )
-    args = parser.parse_args(argv)
-    if args.nproc < 1 or not args.command:
-        parser.error("need --nproc >= 1 and a command")
-    command = args.command[1:] if args.command[0] == "--" else args.command
-    return launch(args.nproc, command)
+    if argv and argv[0].startswith("--nproc="):
+        argv = ["--nproc", argv[0].split("=", 1)[1], *argv[1:]]
+    if len(argv) < 3 or argv[0] != "--nproc" or not argv[1].isdigit() or int(argv[1]) < 1:
+        print(usage, file=sys.stderr)
+        return 2
+    command = argv[2:]
+    if command[0] == "--":
+        command = command[1:]
+    return launch(int(argv[1]), command)
 
 
 if __name__ == "__main__":

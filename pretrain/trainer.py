@@ -14,7 +14,7 @@ from megatron.core import parallel_state
 
 from model.strict_config import ConfigError
 from pretrain import distributed, faults, rng
-from pretrain.checkpoint import CheckpointError, CheckpointManager
+from pretrain.checkpoint import TOKENIZER_FILE, CheckpointError, CheckpointManager
 from pretrain.config import TrainConfig
 from pretrain.data import build_datasets, micro_batches
 from pretrain.engine import build_engine, lm_loss
@@ -307,9 +307,16 @@ class Trainer:
             },
             "tp_layout": self.layout,
             "versions": library_versions(),
+            "tokenizer": {
+                "file": TOKENIZER_FILE,
+                "sha256": self.tokenizer.sha256,
+                "vocab_size": self.tokenizer.vocab_size,
+                "eod": self.tokenizer.eod,
+            },
         }
         t0 = time.perf_counter()
-        path = self.checkpoints.save(self.engine, self.step, state, rng.capture())
+        files = {TOKENIZER_FILE: self.tokenizer.model_path}
+        path = self.checkpoints.save(self.engine, self.step, state, rng.capture(), files)
         self.metrics.print(f"[ckpt] saved {path} in {time.perf_counter() - t0:.1f}s")
 
     def close(self) -> None:

@@ -1,0 +1,323 @@
+"""Perplexity evaluation of a checkpoint: ``python -m pretrain.evaluate --checkpoint RUN_DIR ...``.
+
+Runs on one process at TP=1 (any saved TP size is merged), or under a launcher with N ranks at
+TP=N (e.g. the TP the run was trained with). Reports token-level perplexity, word-level
+perplexity normalised to the original whitespace words (Megatron's "adjusted" perplexity,
+comparable with word-level WikiText numbers), bits per byte, counts; optionally the same on text
+with seeded word swaps, and per-layer over-smoothing. Writes a JSON file, a summary table,
+TensorBoard scalars and (with over-smoothing) a PNG.
+
+Exit codes: 0 done, 2 bad arguments or data, 4 missing/incomplete/damaged checkpoint or a
+tokenizer that does not match it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.strict_config import ConfigError
+from pretrain.checkpoint import CheckpointError
+
+EXIT_CONFIG, EXIT_CHECKPOINT = 2, 4
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m pretrain.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoint root or step_* dir")
+    p.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
+    p.add_argument(
+        "--data",
+        default="wikitext-103-raw:valid",
+        help="wikitext-{2,103}[-raw]:{valid,test,train}, or a data_prep corpus spec "
+        "(NAME=FILES_OR_GLOBS or NAME=hf:PATH:CONFIG:SPLIT)",
+    )
+    p.add_argument("--wikitext", help="local WikiText copy (original files or hub parquet layout)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--text-unit", default="file", choices=["file", "line", "paragraph"])
+    p.add_argument("--max-documents", type=int)
+    p.add_argument("--tokenizer", help="expected tokenizer model; must match the checkpoint's")
+    p.add_argument("--protocol", choices=["segments", "sliding"], default="segments")
+    p.add_argument("--length", type=int, help="window length (default: the model's seq_length)")
+    p.add_argument("--stride", type=int, help="sliding stride (default: length/2)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--swap-rates",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also evaluate with seeded word swaps at these rates",
+    )
+    p.add_argument("--swap-seed", type=int, default=0)
+    p.add_argument("--oversmoothing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--skip-positions",
+        type=int,
+        default=0,
+        help="leading positions left out of the over-smoothing metric",
+    )
+    p.add_argument("--out", type=Path, help="results JSON (default: <run>/eval/<tag>-<data>.json)")
+    p.add_argument("--png", type=Path, help="over-smoothing plot (default: beside --out)")
+    p.add_argument(
+        "--tensorboard", type=Path, help="TensorBoard dir (default: <run>/tensorboard/eval)"
+    )
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    return p.parse_args(argv)
+
+
+def _init_parallel() -> tuple[int, int]:
+    """One process: a private 1-rank group. Under a launcher: TP = world size."""
+    from pretrain.distributed import init
+    from pretrain.launch_env import launch_env
+
+    env = launch_env()
+    if env.world_size == 1 and "MASTER_PORT" not in os.environ:
+        from pretrain.local_launch import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
+        env = launch_env()
+    init(env, env.world_size, timeout_minutes=30)
+    return env.rank, env.world_size
+
+
+def build_model(ck, rank: int, tp: int):
+    """The checkpoint's GPT at TP=``tp`` with this rank's weights, in eval mode."""
+    from model import build_gpt
+    from pretrain.evaluation.checkpoints import state_dict_for_rank
+
+    torch.manual_seed(0)
+    model = build_gpt(ck.model)
+    missing, unexpected = model.load_state_dict(state_dict_for_rank(ck, rank, tp), strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ck.tag_dir}: weights do not fit the model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+    return model.eval()
+
+
+def token_nll(model):
+    def fn(tokens, positions, labels):
+        return model(tokens, positions, None, labels=labels)
+
+    return fn
+
+
+def evaluate_text(
+    model, tokenizer, text, *, length, stride, batch_size, probe=None, progress=False
+):
+    from pretrain.evaluation.perplexity import score
+
+    stream = text.token_stream(tokenizer)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(stream) - 1, unit="tok", desc=text.name[:40], file=sys.stderr)
+
+    def on_batch(group, mask):
+        if probe is not None:
+            probe.collect()
+
+    totals = score(
+        stream,
+        token_nll(model),
+        length=length,
+        stride=stride,
+        batch_size=batch_size,
+        on_batch=on_batch,
+        progress=bar,
+    )
+    if bar is not None:
+        bar.close()
+    return {
+        "token_ppl": totals.token_ppl,
+        "word_ppl": math.exp(totals.nll / text.words),
+        "bits_per_byte": totals.nll / math.log(2) / text.bytes,
+        "nll_sum": totals.nll,
+        "tokens": totals.targets,
+        "words": text.words,
+        "bytes": text.bytes,
+        "documents": len(text.documents),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.evaluation.checkpoints import open_checkpoint
+    from pretrain.evaluation.oversmoothing import HiddenStateProbe
+    from pretrain.evaluation.texts import load_text, swap_words
+
+    t0 = time.monotonic()
+    ck = open_checkpoint(args.checkpoint, args.tag, args.tokenizer)
+    text = load_text(
+        args.data,
+        wikitext_source=args.wikitext,
+        text_field=args.text_field,
+        text_unit=args.text_unit,
+        max_documents=args.max_documents,
+    )
+    length = args.length or ck.model.seq_length
+    if length > ck.model.seq_length and ck.model.position_embedding == "learned_absolute":
+        raise ConfigError(
+            f"--length {length} exceeds the learned positions ({ck.model.seq_length})"
+        )
+    stride = length if args.protocol == "segments" else (args.stride or max(1, length // 2))
+    if not 1 <= stride <= length:
+        raise ConfigError(f"--stride {stride} must be between 1 and the window length {length}")
+
+    rank, tp = _init_parallel()
+    model = build_model(ck, rank, tp)
+    probe = HiddenStateProbe(model, args.skip_positions) if args.oversmoothing else None
+    show = args.progress and rank == 0
+    clean = evaluate_text(
+        model,
+        ck.tokenizer,
+        text,
+        length=length,
+        stride=stride,
+        batch_size=args.batch_size,
+        probe=probe,
+        progress=show,
+    )
+    if probe is not None:
+        probe.remove()
+    results = [{"swap_rate": 0.0, **clean}]
+    swap_logs = {}
+    for rate in args.swap_rates:
+        corrupted = swap_words(text, rate, args.swap_seed)
+        r = evaluate_text(
+            model,
+            ck.tokenizer,
+            corrupted,
+            length=length,
+            stride=stride,
+            batch_size=args.batch_size,
+            progress=show,
+        )
+        results.append({"swap_rate": rate, "swapped_words": len(corrupted.swaps), **r})
+        swap_logs[rate] = corrupted.swaps
+    return {
+        "checkpoint": str(ck.tag_dir),
+        "step": ck.step,
+        "model": {
+            "attention": ck.model.attention,
+            "attention_layers": ck.model.attention_layers,
+            "num_layers": ck.model.num_layers,
+            "hidden_size": ck.model.hidden_size,
+        },
+        "tokenizer_sha256": ck.tokenizer.sha256,
+        "data": {
+            "spec": args.data,
+            "documents": len(text.documents),
+            "words": text.words,
+            "bytes": text.bytes,
+            "lines": text.lines,
+        },
+        "protocol": {"name": args.protocol, "length": length, "stride": stride},
+        "tensor_parallel": tp,
+        **{k: clean[k] for k in ("token_ppl", "word_ppl", "bits_per_byte", "tokens", "words")},
+        "results": results,
+        "swap_seed": args.swap_seed,
+        "oversmoothing": (
+            {"skip_positions": args.skip_positions, "layers": probe.result()} if probe else None
+        ),
+        "elapsed_s": time.monotonic() - t0,
+        "_rank": rank,
+        "_swap_logs": swap_logs,
+    }
+
+
+def default_out(report: dict, args) -> Path:
+    tag_dir = Path(report["checkpoint"])
+    run_dir = tag_dir.parent.parent
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.data)[:60]
+    return run_dir / "eval" / f"{tag_dir.name}-{safe}-{args.protocol}.json"
+
+
+def write_outputs(report: dict, args) -> Path:
+    from pretrain import atomic
+    from pretrain.evaluation.plot import plot_curves
+
+    out = args.out or default_out(report, args)
+    swap_logs = report.pop("_swap_logs")
+    report.pop("_rank")
+    for rate, swaps in swap_logs.items():
+        log = out.with_name(f"{out.stem}.swaps-p{rate}.jsonl")
+        atomic.write_text(log, "".join(json.dumps(s) + "\n" for s in swaps))
+    if report["oversmoothing"]:
+        png = args.png or out.with_suffix(".png")
+        label = f"{report['model']['attention']} step {report['step']}"
+        report["oversmoothing"]["png"] = str(
+            plot_curves({label: report["oversmoothing"]["layers"]}, png)
+        )
+    atomic.write_text(out, json.dumps(report, indent=1))
+    tb = args.tensorboard or Path(report["checkpoint"]).parent.parent / "tensorboard" / "eval"
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tb)) as w:
+        for r in report["results"]:
+            suffix = "" if r["swap_rate"] == 0 else f"_swap{r['swap_rate']}"
+            for key in ("token_ppl", "word_ppl", "bits_per_byte"):
+                w.add_scalar(f"eval/{key}{suffix}", r[key], report["step"])
+        if report["oversmoothing"]:
+            for i, v in enumerate(report["oversmoothing"]["layers"]):
+                w.add_scalar(f"eval/oversmoothing/layer_{i:02d}", v, report["step"])
+    return out
+
+
+def summary(report: dict, out: Path) -> str:
+    p = report["protocol"]
+    lines = [
+        f"checkpoint {report['checkpoint']} (step {report['step']}, "
+        f"{report['model']['attention']})",
+        f"data {report['data']['spec']}: {report['data']['documents']} docs, "
+        f"{report['data']['words']:,} words; protocol {p['name']} length {p['length']} "
+        f"stride {p['stride']}; TP {report['tensor_parallel']}",
+        f"{'swap p':>7} {'tokens':>10} {'token ppl':>10} {'word ppl':>10} {'bits/byte':>10}",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"{r['swap_rate']:>7.3f} {r['tokens']:>10,} {r['token_ppl']:>10.3f} "
+            f"{r['word_ppl']:>10.3f} {r['bits_per_byte']:>10.4f}"
+        )
+    if report["oversmoothing"]:
+        curve = " ".join(f"{v:.3f}" for v in report["oversmoothing"]["layers"])
+        lines.append(f"over-smoothing (layer 0..L): {curve}")
+    lines.append(f"results: {out}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except ConfigError as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except CheckpointError as e:
+        print(f"evaluate: checkpoint error: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINT
+    if report["_rank"] == 0:
+        out = write_outputs(report, args)
+        print(summary(report, out), flush=True)
+    from pretrain.distributed import shutdown
+
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Perplexity evaluation of training checkpoints (entry point: ``python -m pretrain.evaluate``)."""

@@ -1,0 +1,169 @@
+"""Read a training checkpoint without DeepSpeed: config, tokenizer, and weights at any TP size.
+
+``open_checkpoint`` accepts a run directory, a checkpoint root (with ``latest``) or one
+``step_XXXXXXXX`` directory, refuses incomplete or damaged checkpoints, and checks a user-given
+tokenizer against the one saved with the run. ``full_state_dict`` merges the TP shards into the
+TP=1 weights (ZeRO 0–2 from DeepSpeed's module states, ZeRO-3 from its fp32 partitions).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_prep.tokenizer import SentencePieceTokenizer, file_sha256
+from model import ModelConfig
+from model.strict_config import from_dict
+from model.tp_layout import Split, merge, shard
+from pretrain.checkpoint import (
+    MARKER,
+    TOKENIZER_FILE,
+    CheckpointError,
+    latest_complete,
+    read_state,
+    verify_files,
+)
+
+
+@dataclass
+class Checkpoint:
+    tag_dir: Path
+    state: dict[str, Any]
+    model: ModelConfig
+    tokenizer: SentencePieceTokenizer
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def tensor_parallel(self) -> int:
+        return int(self.state["topology"]["tensor"])
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.state["topology"]["zero_stage"])
+
+    @property
+    def layout(self) -> dict[str, Split]:
+        return {k: Split.from_json(v) for k, v in self.state["tp_layout"].items()}
+
+
+def resolve(path: str | Path, tag: str | None = None) -> Path:
+    """The ``step_*`` directory that ``path`` (run dir, checkpoint root or tag dir) designates."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if (path / "trainer_state.json").exists() or path.name.startswith("step_"):
+        tag_dir = path
+    else:
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        chosen = tag or latest_complete(root)
+        if chosen is None:
+            raise CheckpointError(f"no complete checkpoint under {root}")
+        tag_dir = root / chosen
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"checkpoint {tag_dir} does not exist")
+    if not (tag_dir / MARKER).is_file():
+        raise CheckpointError(
+            f"checkpoint {tag_dir} is incomplete (no {MARKER} marker): not loaded"
+        )
+    return tag_dir
+
+
+def open_checkpoint(
+    path: str | Path, tag: str | None = None, tokenizer: str | Path | None = None
+) -> Checkpoint:
+    """Config and tokenizer of a complete checkpoint (weights are read later, on demand)."""
+    tag_dir = resolve(path, tag)
+    state = read_state(tag_dir)
+    for key in ("config", "topology", "tp_layout", "tokenizer"):
+        if key not in state:
+            raise CheckpointError(
+                f"{tag_dir}/trainer_state.json has no {key!r}: not a twicing-lm checkpoint"
+            )
+    problems = verify_files(tag_dir, [TOKENIZER_FILE])
+    if problems:
+        raise CheckpointError("; ".join(problems))
+    saved = tag_dir / TOKENIZER_FILE
+    if tokenizer is not None:
+        given = file_sha256(tokenizer)
+        if given != state["tokenizer"]["sha256"]:
+            raise CheckpointError(
+                f"tokenizer {tokenizer} (sha256 {given[:12]}…) does not match the checkpoint's "
+                f"{saved} (sha256 {state['tokenizer']['sha256'][:12]}…): token ids would mean "
+                "different things"
+            )
+    model = from_dict(ModelConfig, state["config"]["model"], "model")
+    return Checkpoint(tag_dir, state, model, SentencePieceTokenizer(saved))
+
+
+def _module_file(ck: Checkpoint, mp_rank: int) -> Path:
+    return ck.tag_dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
+
+
+def _clean(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Drop megatron's ``_extra_state`` placeholders; keep real tensors."""
+    return {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
+
+
+def tp_shards(ck: Checkpoint) -> list[dict[str, torch.Tensor]]:
+    """The saved module weights of each TP rank (verified against the checksums first)."""
+    tp = ck.tensor_parallel
+    if ck.zero_stage < 3:
+        files = [_module_file(ck, r) for r in range(tp)]
+        problems = verify_files(ck.tag_dir, [f.name for f in files])
+        if problems:
+            raise CheckpointError("; ".join(problems))
+        return [
+            _clean(torch.load(f, map_location="cpu", weights_only=True)["module"]) for f in files
+        ]
+    problems = verify_files(ck.tag_dir)
+    if problems:
+        raise CheckpointError("; ".join(problems))
+    return [_zero3_rank(ck, r) for r in range(tp)]
+
+
+def _zero3_rank(ck: Checkpoint, mp_rank: int) -> dict[str, torch.Tensor]:
+    """fp32 weights of one TP rank from ZeRO-3 partitions, via DeepSpeed's own reconstruction.
+
+    DeepSpeed's ``zero_to_fp32`` reads every ``*_states.pt`` of a directory as one TP rank, so
+    each rank's files are linked into a scratch directory of their own first.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    suffix = f"_mp_rank_{mp_rank:02d}_"
+    with tempfile.TemporaryDirectory() as scratch:
+        tag = Path(scratch) / "rank"
+        tag.mkdir()
+        for f in ck.tag_dir.glob(f"zero_pp_rank_*{suffix}*_states.pt"):
+            os.symlink(f, tag / f.name.replace(suffix, "_mp_rank_00_"))
+        sd = get_fp32_state_dict_from_zero_checkpoint(scratch, tag="rank")
+    return _clean({k: v.float() for k, v in sd.items()})
+
+
+def full_state_dict(ck: Checkpoint) -> dict[str, torch.Tensor]:
+    """The TP=1 weights, merged from the TP shards with the layout saved in the checkpoint."""
+    shards = tp_shards(ck)
+    layout = ck.layout
+    missing = set(shards[0]) - set(layout)
+    if missing:
+        raise CheckpointError(f"{ck.tag_dir}: no TP layout for {sorted(missing)[:3]}")
+    return {name: merge([s[name] for s in shards], layout[name]) for name in shards[0]}
+
+
+def state_dict_for_rank(ck: Checkpoint, rank: int, tp: int) -> dict[str, torch.Tensor]:
+    """Weights for TP rank ``rank`` of ``tp`` (direct when ``tp`` is the saved TP size)."""
+    if tp == ck.tensor_parallel and ck.zero_stage < 3:
+        path = _module_file(ck, rank)
+        problems = verify_files(ck.tag_dir, [path.name])
+        if problems:
+            raise CheckpointError("; ".join(problems))
+        return _clean(torch.load(path, map_location="cpu", weights_only=True)["module"])
+    layout = ck.layout
+    return {k: shard(v, layout[k], rank, tp).clone() for k, v in full_state_dict(ck).items()}
