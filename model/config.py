@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from model.attention import CORE_ATTENTION, select_layers
@@ -37,6 +37,7 @@ class ModelConfig:
     attention: str = "twicing"
     attention_layers: str | list[int] = "all"
     attention_backend: Literal["auto", "flash", "sdpa"] = "auto"
+    attention_options: dict[str, float] = field(default_factory=dict)
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     init_std: float = 0.02
@@ -69,6 +70,24 @@ class ModelConfig:
             layers = select_layers(self.attention_layers, self.num_layers)
         except ValueError as e:
             raise ConfigError(f"config key 'model.attention_layers': {e}") from None
+        variant = CORE_ATTENTION[self.attention]
+        try:
+            self.attention_options = variant.check_options(self.attention_options)
+        except ValueError as e:
+            raise ConfigError(f"config key 'model.attention_options': {e}") from None
+        if variant.uses_first_values:
+            check(
+                bool(layers - {0}),
+                "model.attention_layers",
+                f"{self.attention} mixes the first layer's values into layers >= 1, but "
+                f"{self.attention_layers!r} with num_layers={self.num_layers} selects none of them",
+            )
+        check(
+            variant.supports_flash or self.attention_backend != "flash",
+            "model.attention_backend",
+            f"'flash' cannot run {self.attention} attention (scores are not q·kᵀ): use auto/sdpa",
+        )
+        layers = frozenset(i for i in layers if self.variant_of_layer(i) != "softmax")
         if self.attention_dropout > 0:
             for i in layers:
                 check(
@@ -95,9 +114,16 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     def variant_of_layer(self, index: int) -> str:
-        """Attention variant of 0-based layer ``index``."""
+        """Attention variant of 0-based layer ``index`` (layer 0 is plain softmax for variants
+        that mix the first layer's values into the others)."""
         chosen = select_layers(self.attention_layers, self.num_layers)
+        if index == 0 and CORE_ATTENTION[self.attention].uses_first_values:
+            return "softmax"
         return self.attention if index in chosen else "softmax"
+
+    @property
+    def uses_first_values(self) -> bool:
+        return CORE_ATTENTION[self.attention].uses_first_values
 
     def check_tensor_parallel(self, tp: int) -> None:
         """Raise ``ConfigError`` unless heads and query groups split evenly over ``tp`` ranks."""

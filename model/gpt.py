@@ -9,6 +9,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from model import cpu_compat
+from model.attention import FirstLayerValues
 from model.config import ModelConfig
 from model.spec import block_spec
 
@@ -58,9 +59,10 @@ def build_gpt(
     """A megatron-core GPT whose attention layers follow ``cfg`` (needs ``parallel_state``)."""
     cpu_compat.install()
     config = transformer_config(cfg, sequence_parallel=sequence_parallel, params_dtype=params_dtype)
-    return GPTModel(
+    first_values = FirstLayerValues() if cfg.uses_first_values else None
+    model = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(cfg),
+        transformer_layer_spec=block_spec(cfg, first_values),
         vocab_size=cfg.padded_vocab_size,
         max_sequence_length=cfg.seq_length,
         share_embeddings_and_output_weights=cfg.tied_embeddings,
@@ -68,3 +70,6 @@ def build_gpt(
         rotary_base=cfg.rotary_base,
         parallel_output=True,
     )
+    if first_values is not None:
+        first_values.attach(model)
+    return model

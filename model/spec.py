@@ -13,7 +13,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from model.attention import CORE_ATTENTION
+from model.attention import CORE_ATTENTION, FirstLayerValues
 from model.config import ModelConfig
 from model.norm import Norm
 
@@ -33,13 +33,21 @@ class RecomputedTransformerLayer(TransformerLayer):
         return super().forward(*args, **kwargs)
 
 
-def layer_spec(cfg: ModelConfig, variant: str) -> ModuleSpec:
+def layer_spec(
+    cfg: ModelConfig, variant: str, first_values: FirstLayerValues | None = None
+) -> ModuleSpec:
     """megatron-core's local GPT layer with our core attention ``variant`` and norms."""
     spec = copy.deepcopy(get_gpt_layer_local_spec())
     sub = spec.submodules
+    params = {
+        "backend": cfg.attention_backend,
+        "recompute": cfg.recompute == "selective",
+        "first_values": first_values,
+    }
+    if variant == cfg.attention:
+        params["options"] = cfg.attention_options
     sub.self_attention.submodules.core_attention = ModuleSpec(
-        module=CORE_ATTENTION[variant],
-        params={"backend": cfg.attention_backend, "recompute": cfg.recompute == "selective"},
+        module=CORE_ATTENTION[variant], params=params
     )
     sub.input_layernorm = Norm
     sub.pre_mlp_layernorm = Norm
@@ -48,9 +56,14 @@ def layer_spec(cfg: ModelConfig, variant: str) -> ModuleSpec:
     return spec
 
 
-def block_spec(cfg: ModelConfig) -> TransformerBlockSubmodules:
-    """One spec per layer (variants may differ per layer) plus the final norm."""
+def block_spec(
+    cfg: ModelConfig, first_values: FirstLayerValues | None = None
+) -> TransformerBlockSubmodules:
+    """One spec per layer (variants may differ per layer) plus the final norm. Variants that read
+    the first layer's values share ``first_values`` across all layers."""
     return TransformerBlockSubmodules(
-        layer_specs=[layer_spec(cfg, cfg.variant_of_layer(i)) for i in range(cfg.num_layers)],
+        layer_specs=[
+            layer_spec(cfg, cfg.variant_of_layer(i), first_values) for i in range(cfg.num_layers)
+        ],
         layer_norm=Norm,
     )

@@ -21,6 +21,10 @@ CONFIGS = [
         "normalization": "RMSNorm",
     },
     {"attention": "twicing", "position_embedding": "learned_absolute", "tied_embeddings": False},
+    {"attention": "neutreno", "num_query_groups": 2},
+    {"attention": "resformer"},
+    {"attention": "svformer", "num_query_groups": 2, "recompute": "full"},
+    {"attention": "neural", "attention_layers": [0], "attention_options": {"dim": 4}},
 ]
 BASE = {
     "num_layers": 2,

@@ -2,13 +2,15 @@
 
 megatron-core's ``SelfAttention`` builds ``core_attention`` from a ``ModuleSpec`` and calls it with
 this rank's heads as ``[seq, batch, heads_per_partition, head_dim]``. Heads are already split
-across tensor-parallel ranks, so nothing here communicates. Subclasses supply only ``attention``
-on ``[batch, seq, heads, head_dim]`` tensors; masks, layout and selective recompute live here.
+across tensor-parallel ranks, so nothing here communicates. Subclasses supply ``attention`` on
+``[batch, seq, heads, head_dim]`` tensors (plus any extra inputs from ``extra_inputs``); masks,
+layout, selective recompute and the first layer's values live here.
 """
 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.utils.checkpoint
@@ -17,6 +19,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from model.attention.backend import Backend, attend
+from model.attention.first_values import FirstLayerValues
 from model.attention.twicing import twicing_attention
 
 _CAUSAL = {AttnMaskType.causal: True, AttnMaskType.no_mask: False}
@@ -26,11 +29,19 @@ class CoreAttention(MegatronModule):
     """Base class implementing megatron-core's core-attention call contract.
 
     Args (beyond megatron's): ``backend`` picks the kernel (``auto``/``flash``/``sdpa``);
-    ``recompute`` re-runs this module in backward instead of storing its activations.
+    ``recompute`` re-runs this module in backward instead of storing its activations;
+    ``first_values`` is the model's shared holder of layer 0's values (layer 0 fills it);
+    ``options`` are the variant's numeric knobs (see ``OPTIONS``).
     """
 
-    #: whether this variant tolerates attention dropout (two-pass variants do not)
-    supports_dropout: bool = True
+    #: whether this variant tolerates attention dropout (multi-pass variants do not)
+    supports_dropout: ClassVar[bool] = True
+    #: whether it can run on the flash kernel
+    supports_flash: ClassVar[bool] = True
+    #: whether its layers read layer 0's values (so layer 0 itself is not one of them)
+    uses_first_values: ClassVar[bool] = False
+    #: option name -> default value
+    OPTIONS: ClassVar[dict[str, float]] = {}
 
     def __init__(
         self,
@@ -45,6 +56,8 @@ class CoreAttention(MegatronModule):
         *,
         backend: Backend = "auto",
         recompute: bool = False,
+        first_values: FirstLayerValues | None = None,
+        options: dict[str, float] | None = None,
     ) -> None:
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -53,18 +66,37 @@ class CoreAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.backend: Backend = backend
         self.recompute = recompute
+        self.first_values = first_values
+        self.options = {**self.OPTIONS, **(options or {})}
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if self.dropout and not self.supports_dropout:
             raise ValueError(
                 f"{type(self).__name__} (layer {layer_number}) needs attention_dropout == 0, got "
-                f"{self.dropout}: its two attention passes would draw two different dropout masks"
+                f"{self.dropout}: its attention passes would draw different dropout masks"
             )
+        if self.uses_first_values and first_values is None:
+            raise ValueError(f"{type(self).__name__} needs the model's FirstLayerValues holder")
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1 / math.sqrt(head_dim)
 
-    def attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
-    ) -> torch.Tensor:
+    @classmethod
+    def check_options(cls, options: dict[str, float]) -> dict[str, float]:
+        """Validated options (defaults filled in); raise ``ValueError`` naming a bad one."""
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            known = ", ".join(cls.OPTIONS) or "none"
+            raise ValueError(f"unknown option {unknown[0]!r} for {cls.__name__} (known: {known})")
+        return {**cls.OPTIONS, **options}
+
+    @property
+    def is_first_layer(self) -> bool:
+        return self.layer_number == 1
+
+    def extra_inputs(self, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Tensors this variant needs beyond q, k, v (``[b, s, ...]`` layout)."""
+        return ()
+
+    def attention(self, q, k, v, causal: bool, *extra: torch.Tensor) -> torch.Tensor:
         """The variant's math on ``[batch, seq, heads, head_dim]``; returns that shape."""
         raise NotImplementedError
 
@@ -92,13 +124,16 @@ class CoreAttention(MegatronModule):
             )
         # [s, b, h, d] -> [b, s, h, d] (views; the kernel picks its own layout)
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))
+        if self.first_values is not None and self.is_first_layer:
+            self.first_values.put(v)
+        extra = self.extra_inputs(v)
         causal = _CAUSAL[mask_type]
         if self.recompute and self.training and torch.is_grad_enabled():
             out = torch.utils.checkpoint.checkpoint(
-                self.attention, q, k, v, causal, use_reentrant=False
+                self.attention, q, k, v, causal, *extra, use_reentrant=False
             )
         else:
-            out = self.attention(q, k, v, causal)
+            out = self.attention(q, k, v, causal, *extra)
         s, b = query.size(0), query.size(1)
         return out.transpose(0, 1).reshape(s, b, -1)
 
@@ -106,7 +141,7 @@ class CoreAttention(MegatronModule):
 class SoftmaxCoreAttention(CoreAttention):
     """Standard scaled-dot-product attention ``softmax(QKᵀ·scale + mask)V``."""
 
-    def attention(self, q, k, v, causal):
+    def attention(self, q, k, v, causal, *extra):
         return attend(
             q,
             k,
@@ -123,7 +158,7 @@ class TwicingCoreAttention(CoreAttention):
 
     supports_dropout = False
 
-    def attention(self, q, k, v, causal):
+    def attention(self, q, k, v, causal, *extra):
         return twicing_attention(
             q, k, v, causal=causal, softmax_scale=self.softmax_scale, backend=self.backend
         )
