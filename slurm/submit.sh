@@ -22,8 +22,8 @@
 #   --dry-run         print the sbatch commands instead of running them
 #
 # Prints one line per submitted job: "pretrain <jobid>" (each link) and "eval <jobid>".
-# The run directory comes from the resolved config (run_dir, overrides included), read with
-# $TWICING_PYTHON (default python3). The jobs inherit this environment (TWICING_*, PATH, ...);
+# The config and overrides are validated first with $TWICING_PYTHON (default python3), which
+# also gives the run directory (run_dir) whose latest checkpoint is evaluated. The jobs inherit this environment (TWICING_*, PATH, ...);
 # see the headers of slurm/pretrain.sbatch and slurm/eval.sbatch.
 set -euo pipefail
 
@@ -77,19 +77,22 @@ submit() {  # submit ROLE SBATCH_ARGS...: prints "ROLE <jobid>", sets $jobid
   echo "$role $jobid"
 }
 
+# Validate the config (and overrides) here, before anything waits in the queue, and read the
+# run directory the evaluation needs.
+# shellcheck disable=SC2016  # a Python snippet, not shell
+run_dir=$("$python" -c 'import sys
+from pretrain.config import load_config
+print(load_config(sys.argv[1], sys.argv[2:]).run_dir)' "$config" "$@") \
+  || die "$config ${*:-}: not a valid configuration (or TWICING_PYTHON=$python lacks the project)"
+
 deps=()
-[ "$chain" -gt 1 ] && deps=(--dependency=singleton)
+if [ "$chain" -gt 1 ]; then deps=(--dependency=singleton); fi
 for _ in $(seq "$chain"); do
   submit pretrain --job-name="$job_name" "${deps[@]}" "${train_opts[@]}" \
     "$here/pretrain.sbatch" "$config" "$@"
 done
 
 if [ "$do_eval" = 1 ]; then
-  # shellcheck disable=SC2016  # a Python snippet, not shell
-  run_dir=$("$python" -c 'import sys
-from pretrain.config import load_config
-print(load_config(sys.argv[1], sys.argv[2:]).run_dir)' "$config" "$@") \
-    || die "cannot resolve run_dir from $config (is TWICING_PYTHON=$python right?)"
   [ -n "$eval_out" ] || eval_out="$run_dir/eval/$job_name-${eval_data//[^A-Za-z0-9._-]/_}.json"
   submit eval --dependency=afterok:"$jobid" "${eval_opts[@]}" "$here/eval.sbatch" \
     --checkpoint "$run_dir/checkpoints" --data "$eval_data" --protocol segments \
