@@ -159,13 +159,18 @@ def _files_dir(path: Path, name: str) -> Path | None:
 
 
 def resolve_source(
-    name: str, source: str | Path | None = None, *, cache_dir: str | Path | None = None
+    name: str,
+    source: str | Path | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    need_split: str = "train",
 ) -> WikiTextSource:
     """Pick the source of WikiText ``name``.
 
     ``source``: a hub-layout directory (has ``README.md`` or ``<config>/*.parquet``), a directory
     of original files (or its parent, e.g. ``shared/data/wikitext``), or None: the hub, then the
-    shared copy (``$TWICING_SHARED/data/wikitext`` or ``../shared/data/wikitext``).
+    shared copy (``$TWICING_SHARED/data/wikitext`` or ``../shared/data/wikitext``) when it has
+    the ``need_split`` file.
     """
     name = canonical_name(name)
     cache = str(cache_dir) if cache_dir is not None else None
@@ -189,12 +194,12 @@ def resolve_source(
     except DataPrepError as e:
         hub_error = e
     shared = _files_dir(shared_wikitext_dir(), name)
-    if shared is not None and (shared / f"wiki.train.{file_suffix(name)}").is_file():
+    if shared is not None and (shared / f"wiki.{need_split}.{file_suffix(name)}").is_file():
         print(f"data_prep: {HUB_REPO} unavailable; using {shared}", file=sys.stderr)
         return WikiTextSource(name, "files", str(shared), cache)
     raise DataPrepError(
-        f"cannot get {name}: {hub_error}\nNo shared copy with wiki.train.{file_suffix(name)} in "
-        f"{shared_wikitext_dir()} either. Pass a "
+        f"cannot get {name}: {hub_error}\nNo shared copy with "
+        f"wiki.{need_split}.{file_suffix(name)} in {shared_wikitext_dir()} either. Pass a "
         f"local copy: `python -m data_prep wikitext --source DIR` (or prepare_wikitext(source=DIR))"
         f", DIR being a download of the hub dataset {HUB_REPO} (its parquet layout, e.g. "
         f"{hub_config(name)}/train-00000-of-00001.parquet + README.md) or a directory with the "
@@ -236,4 +241,5 @@ def load_articles(
     cache_dir: str | Path | None = None,
 ) -> list[Article]:
     """The articles of one split, e.g. for word-level perplexity (``sum(a.words for a in ...)``)."""
-    return list(articles(resolve_source(name, source, cache_dir=cache_dir).rows(split)))
+    src = resolve_source(name, source, cache_dir=cache_dir, need_split=split)
+    return list(articles(src.rows(split)))

@@ -13,12 +13,17 @@ import torch.nn.functional as F
 
 def mean_offdiag_cosine(hidden: torch.Tensor, skip: int = 0) -> float:
     """Mean off-diagonal cosine similarity of the rows of ``hidden[skip:]`` (``[s, d]``)."""
+    return float(batched_offdiag_cosine(hidden.unsqueeze(1), skip)[0])
+
+
+def batched_offdiag_cosine(hidden: torch.Tensor, skip: int = 0) -> torch.Tensor:
+    """The metric for every sequence of ``hidden`` (``[s, b, d]``): a ``[b]`` float64 tensor."""
     u = F.normalize(hidden[skip:].double(), dim=-1)
     n = u.size(0)
     if n < 2:
         raise ValueError(f"need at least 2 positions after skipping {skip}, got {n}")
-    total = u.sum(0).square().sum() - u.square().sum()  # remove the diagonal (zero rows: 0)
-    return float(total / (n * (n - 1)))
+    total = u.sum(0).square().sum(-1) - u.square().sum((0, 2))  # drop the diagonal (zero rows: 0)
+    return total / (n * (n - 1))
 
 
 class HiddenStateProbe:
@@ -47,17 +52,14 @@ class HiddenStateProbe:
 
         return hook
 
-    def collect(self, keep: torch.Tensor | None = None) -> None:
-        """Fold the last forward pass in (``[s, b, h]`` states; ``keep`` picks sequences)."""
-        states = self._current
-        batch = states[0].size(1)
-        rows = range(batch) if keep is None else [b for b in range(batch) if keep[b]]
+    def collect(self) -> None:
+        """Fold the last forward pass in (``[s, b, h]`` states, every sequence of the batch)."""
+        values = [batched_offdiag_cosine(h, self.skip) for h in self._current]
         if not self.sums:
-            self.sums = [0.0] * len(states)
-        for b in rows:
-            for layer, h in enumerate(states):
-                self.sums[layer] += mean_offdiag_cosine(h[:, b], self.skip)
-            self.count += 1
+            self.sums = [0.0] * len(values)
+        for layer, v in enumerate(values):
+            self.sums[layer] += float(v.sum())
+        self.count += values[0].numel()
 
     def result(self) -> list[float]:
         return [s / self.count for s in self.sums] if self.count else []
