@@ -11,6 +11,8 @@ Layout under the checkpoint root::
         checksums.json      size + xxh3-128 of every file above
         COMPLETE            written last, after every rank finished
     latest                  name of the newest complete tag, advanced only after COMPLETE
+    universal/step_*/       a tag converted for a resume at another TP × DP layout
+                            (``pretrain.universal``), pruned with its source tag
 
 A directory without ``COMPLETE`` is never loaded (a save killed mid-way leaves one behind; the
 next save of that tag or pruning removes it).
@@ -18,6 +20,8 @@ next save of that tag or pruning removes it).
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -144,8 +148,14 @@ class CheckpointManager:
             if tag_dir.exists():  # a stale partial save of this step, or a re-save
                 shutil.rmtree(tag_dir)
         dist.barrier()
+        client_state = {"trainer": state}
+        if "tp_layout" in state:  # TP merge rules for DeepSpeed's universal conversion
+            from pretrain.universal import INFO_KEY, universal_info
+
+            with contextlib.suppress(CheckpointError):  # no rule: only same-layout resumes
+                client_state[INFO_KEY] = universal_info(state["tp_layout"])
         engine.save_checkpoint(
-            str(self.root), tag=tag, client_state={"trainer": state}, save_latest=False
+            str(self.root), tag=tag, client_state=client_state, save_latest=False
         )
         atomic.torch_save(rng_state, tag_dir / "rng" / f"rank_{self.rank:05d}.pt", fsync=self.fsync)
         if self.rank == 0:
@@ -191,6 +201,13 @@ class CheckpointManager:
                 continue
             if (p / MARKER).is_file() or step_of(p.name) < newest:
                 shutil.rmtree(p, ignore_errors=True)
+        universal = self.root / "universal"
+        if universal.is_dir():  # conversions of pruned tags, or older than the newest save
+            for p in universal.iterdir():
+                if p.name.startswith(_TAG_PREFIX) and (
+                    step_of(p.name) < newest or not (self.root / p.name).is_dir()
+                ):
+                    shutil.rmtree(p, ignore_errors=True)
 
     # ---------------------------------------------------------------- load
     def latest(self) -> str | None:
@@ -213,6 +230,51 @@ class CheckpointManager:
         rng_file = tag_dir / "rng" / f"rank_{self.rank:05d}.pt"
         rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
         return Loaded(tag=tag, state=state, rng=rng)
+
+    def load_resharded(self, engine, tag: str) -> Loaded:
+        """Resume ``tag`` at this run's (different) layout: rank 0 converts it to a DeepSpeed
+        universal checkpoint (or reuses an up-to-date conversion), every rank loads its part.
+
+        RNG states are not restored (``rng=None``): the saved ones belong to other ranks' roles.
+        """
+        from pretrain import universal
+
+        tag_dir = self.root / tag
+        state = read_state(tag_dir)
+        if self.verify:
+            self._verify(tag_dir)
+        # the conversion may outlast the collective timeout: wait for it on a patient group
+        patient = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24))
+        error: list[str | None] = [None]
+        if self.rank == 0:
+            try:
+                universal.convert(tag_dir, verify=False)
+            except CheckpointError as e:
+                error[0] = str(e)
+            except Exception as e:  # noqa: BLE001 - every rank must hear about it
+                error[0] = f"universal conversion of {tag_dir} failed: {type(e).__name__}: {e}"
+        dist.broadcast_object_list(error, src=0, group=patient)
+        dist.destroy_process_group(patient)
+        if error[0] is not None:
+            raise CheckpointError(error[0])
+        previous = engine._config.load_universal_checkpoint
+        engine._config.load_universal_checkpoint = True
+        try:
+            path, _client = engine.load_checkpoint(
+                str(universal.universal_root(self.root)),
+                tag=tag,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
+        finally:
+            engine._config.load_universal_checkpoint = previous
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load the universal checkpoint of {tag_dir}")
+        if engine.zero_optimization_stage() == 3:
+            universal.fix_zero3_universal_load(
+                engine.optimizer.optimizer, universal.universal_root(self.root) / tag
+            )
+        return Loaded(tag=tag, state=state, rng=None)
 
     def _verify(self, tag_dir: Path) -> None:
         checksums = tag_dir / CHECKSUMS

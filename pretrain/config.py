@@ -105,11 +105,16 @@ class TrainingConfig:
 
 @dataclass
 class CheckpointConfig:
+    """``reshard``: resume a checkpoint saved with another TP × DP layout (or ZeRO stage) through
+    a DeepSpeed universal checkpoint (``pretrain.universal``); without it such a resume is
+    refused."""
+
     dir: str | None = None
     interval: int = 100
     keep_last: int = 3
     verify: bool = True
     fsync: bool = False
+    reshard: bool = False
 
     def __post_init__(self) -> None:
         check(self.interval >= 0, "checkpoint.interval", "must be >= 0 (0: only on signal/exit)")

@@ -14,7 +14,7 @@ from megatron.core import parallel_state
 
 from model.strict_config import ConfigError
 from pretrain import distributed, faults, rng
-from pretrain.checkpoint import TOKENIZER_FILE, CheckpointError, CheckpointManager
+from pretrain.checkpoint import TOKENIZER_FILE, CheckpointError, CheckpointManager, read_state
 from pretrain.config import TrainConfig
 from pretrain.data import build_datasets, micro_batches
 from pretrain.engine import build_engine, lm_loss
@@ -24,6 +24,7 @@ from pretrain.lr_schedule import lr_at
 from pretrain.metrics import Metrics, memory_gb
 from pretrain.optimizer import zero0_prepare_step
 from pretrain.signals import EXIT_DONE, EXIT_NONFINITE, EXIT_RESUMABLE, StopRequest
+from pretrain.universal import check_supported, describe
 from pretrain.versions import library_versions
 
 
@@ -100,18 +101,37 @@ class Trainer:
                 f"[train] no checkpoint in {self.cfg.checkpoint_dir}; starting fresh"
             )
             return
-        loaded = self.checkpoints.load(self.engine, tag)
-        self._check_compatible(loaded.state)
+        state = read_state(self.cfg.checkpoint_dir / tag)
+        reshard = self._check_compatible(state)  # before DeepSpeed reads any shard
+        if reshard:
+            loaded = self.checkpoints.load_resharded(self.engine, tag)
+        else:
+            loaded = self.checkpoints.load(self.engine, tag)
         self.step = loaded.state["step"]
         self.consumed_samples = loaded.state["consumed_samples"]
         self.skipped_steps = loaded.state.get("skipped_steps", 0)
-        if loaded.rng is not None:
+        if reshard or loaded.state["topology"] != self._topology():
+            # the saved RNG states belong to other ranks' roles: reseed deterministically from
+            # the seed and the step, alike on every rank as at the start of a run (dropout masks
+            # then differ from the original run's)
+            rng.seed_everything(self.cfg.training.seed + self.step)
+        elif loaded.rng is not None:
             rng.restore(loaded.rng)
+        how = f" (resharded {describe(loaded.state['topology'])} -> {describe(self._topology())})"
         self.metrics.print(
             f"[train] resumed from {tag}: step {self.step}, {self.consumed_samples} samples"
+            + (how if loaded.state["topology"] != self._topology() else "")
         )
 
-    def _check_compatible(self, state: dict[str, Any]) -> None:
+    def _topology(self) -> dict[str, int]:
+        return {
+            "tensor": self.cfg.parallel.tensor,
+            "data": self.dp,
+            "zero_stage": self.cfg.parallel.zero_stage,
+        }
+
+    def _check_compatible(self, state: dict[str, Any]) -> bool:
+        """Raise unless ``state`` can resume here; True when its layout must be converted."""
         saved_model = state["config"]["model"]
         current = self.cfg.to_dict()["model"]
         diff = sorted(
@@ -120,17 +140,16 @@ class Trainer:
         if diff:
             details = ", ".join(f"{k}: {saved_model.get(k)!r} -> {current.get(k)!r}" for k in diff)
             raise CheckpointError(f"checkpoint model config differs from this run's ({details})")
-        saved = state["topology"]
-        here = {
-            "tensor": self.cfg.parallel.tensor,
-            "data": self.dp,
-            "zero_stage": self.cfg.parallel.zero_stage,
-        }
-        if saved != here:
+        saved, here = state["topology"], self._topology()
+        if saved == here:
+            return False
+        if not self.cfg.checkpoint.reshard:
             raise CheckpointError(
-                f"checkpoint was saved with {saved}, this run has {here}; resuming with another "
-                "layout needs the universal-checkpoint conversion"
+                f"checkpoint was saved at {describe(saved)}, this run is {describe(here)}; to "
+                "resume with another layout, run again with checkpoint.reshard=true (converts it "
+                "through a DeepSpeed universal checkpoint)"
             )
+        return check_supported(saved, here)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> int:
