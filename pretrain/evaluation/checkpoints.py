@@ -1,9 +1,10 @@
 """Read a training checkpoint without DeepSpeed: config, tokenizer, and weights at any TP size.
 
-``open_checkpoint`` accepts a run directory, a checkpoint root (with ``latest``) or one
-``step_XXXXXXXX`` directory, refuses incomplete or damaged checkpoints, and checks a user-given
-tokenizer against the one saved with the run. ``full_state_dict`` merges the TP shards into the
-TP=1 weights (ZeRO 0–2 from DeepSpeed's module states, ZeRO-3 from its fp32 partitions).
+``open_checkpoint`` accepts a run directory, a checkpoint root (with ``latest``), one
+``step_XXXXXXXX`` directory or a consolidated weights file (``pretrain.consolidate``), refuses
+incomplete or damaged checkpoints, and checks a user-given tokenizer against the one saved with
+the run. ``full_state_dict`` merges the TP shards into the TP=1 weights (ZeRO 0–2 from
+DeepSpeed's module states, ZeRO-3 from its fp32 partitions).
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ from pretrain.checkpoint import (
 
 @dataclass
 class Checkpoint:
-    tag_dir: Path
+    tag_dir: Path  # the step directory, or the consolidated file
     state: dict[str, Any]
     model: ModelConfig
     tokenizer: SentencePieceTokenizer
+    #: TP=1 weights of a consolidated file (None: read from the shards on demand)
+    weights: dict[str, torch.Tensor] | None = None
+    _scratch: Any = None  # keeps a consolidated file's extracted tokenizer alive
 
     @property
     def step(self) -> int:
@@ -43,7 +47,7 @@ class Checkpoint:
 
     @property
     def tensor_parallel(self) -> int:
-        return int(self.state["topology"]["tensor"])
+        return 1 if self.weights is not None else int(self.state["topology"]["tensor"])
 
     @property
     def zero_stage(self) -> int:
@@ -80,6 +84,8 @@ def open_checkpoint(
     path: str | Path, tag: str | None = None, tokenizer: str | Path | None = None
 ) -> Checkpoint:
     """Config and tokenizer of a complete checkpoint (weights are read later, on demand)."""
+    if Path(path).is_file():
+        return _open_consolidated(Path(path), tokenizer)
     tag_dir = resolve(path, tag)
     state = read_state(tag_dir)
     for key in ("config", "topology", "tp_layout", "tokenizer"):
@@ -101,6 +107,34 @@ def open_checkpoint(
             )
     model = from_dict(ModelConfig, state["config"]["model"], "model")
     return Checkpoint(tag_dir, state, model, SentencePieceTokenizer(saved))
+
+
+def _check_tokenizer(given: str | Path | None, saved: Path, expected_sha256: str) -> None:
+    if given is None:
+        return
+    digest = file_sha256(given)
+    if digest != expected_sha256:
+        raise CheckpointError(
+            f"tokenizer {given} (sha256 {digest[:12]}…) does not match the checkpoint's "
+            f"{saved} (sha256 {expected_sha256[:12]}…): token ids would mean different things"
+        )
+
+
+def _open_consolidated(path: Path, tokenizer: str | Path | None) -> Checkpoint:
+    """A consolidated file (``pretrain.consolidate``): TP=1 weights, config and tokenizer."""
+    from pretrain.consolidate import load
+
+    payload = load(path)
+    state = payload["trainer_state"]
+    scratch = tempfile.TemporaryDirectory(prefix="twicing-tokenizer-")
+    saved = Path(scratch.name) / TOKENIZER_FILE
+    saved.write_bytes(payload["tokenizer_model"].numpy().tobytes())
+    if file_sha256(saved) != state["tokenizer"]["sha256"]:
+        raise CheckpointError(f"{path}: the embedded tokenizer does not match its recorded sha256")
+    _check_tokenizer(tokenizer, path, state["tokenizer"]["sha256"])
+    model = from_dict(ModelConfig, state["config"]["model"], "model")
+    weights = {k: v.float() for k, v in payload["state_dict"].items()}
+    return Checkpoint(path, state, model, SentencePieceTokenizer(saved), weights, scratch)
 
 
 def _module_file(ck: Checkpoint, mp_rank: int) -> Path:
@@ -149,6 +183,8 @@ def _zero3_rank(ck: Checkpoint, mp_rank: int) -> dict[str, torch.Tensor]:
 
 def full_state_dict(ck: Checkpoint) -> dict[str, torch.Tensor]:
     """The TP=1 weights, merged from the TP shards with the layout saved in the checkpoint."""
+    if ck.weights is not None:
+        return dict(ck.weights)
     shards = tp_shards(ck)
     layout = ck.layout
     missing = set(shards[0]) - set(layout)
@@ -159,7 +195,7 @@ def full_state_dict(ck: Checkpoint) -> dict[str, torch.Tensor]:
 
 def state_dict_for_rank(ck: Checkpoint, rank: int, tp: int) -> dict[str, torch.Tensor]:
     """Weights for TP rank ``rank`` of ``tp`` (direct when ``tp`` is the saved TP size)."""
-    if tp == ck.tensor_parallel and ck.zero_stage < 3:
+    if tp == ck.tensor_parallel and ck.zero_stage < 3 and ck.weights is None:
         path = _module_file(ck, rank)
         problems = verify_files(ck.tag_dir, [path.name])
         if problems:
