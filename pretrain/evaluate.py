@@ -1,11 +1,14 @@
 """Perplexity evaluation of a checkpoint: ``python -m pretrain.evaluate --checkpoint RUN_DIR ...``.
 
 Runs on one process at TP=1 (any saved TP size is merged), or under a launcher with N ranks at
-TP=N (e.g. the TP the run was trained with). Reports token-level perplexity, word-level
-perplexity normalised to the original whitespace words (Megatron's "adjusted" perplexity,
-comparable with word-level WikiText numbers), bits per byte, counts; optionally the same on text
-with seeded word swaps, and per-layer over-smoothing. Writes a JSON file, a summary table,
-TensorBoard scalars and (with over-smoothing) a PNG.
+TP=N (e.g. the TP the run was trained with). ``--checkpoint`` also takes a consolidated weights
+file (``pretrain.consolidate``); ``--hf-model DIR`` scores a Hugging Face export
+(``pretrain.export_hf``) instead, with the exported sentencepiece model, so the token ids and
+the protocol are exactly those of the checkpoint's evaluation (one process, no over-smoothing).
+Reports token-level perplexity, word-level perplexity normalised to the original whitespace
+words (Megatron's "adjusted" perplexity, comparable with word-level WikiText numbers), bits per
+byte, counts; optionally the same on text with seeded word swaps, and per-layer over-smoothing.
+Writes a JSON file, a summary table, TensorBoard scalars and (with over-smoothing) a PNG.
 
 Exit codes: 0 done, 2 bad arguments or data, 4 missing/incomplete/damaged checkpoint or a
 tokenizer that does not match it.
@@ -36,7 +39,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="run dir, checkpoint root or step_* dir")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--checkpoint", help="run dir, checkpoint root, step_* dir or consolidated .pt file"
+    )
+    src.add_argument("--hf-model", type=Path, help="a Hugging Face export (pretrain.export_hf)")
     p.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
     p.add_argument(
         "--data",
@@ -117,7 +124,16 @@ def token_nll(model):
 
 
 def evaluate_text(
-    model, tokenizer, text, *, length, stride, batch_size, probe=None, progress=False
+    model,
+    tokenizer,
+    text,
+    *,
+    length,
+    stride,
+    batch_size,
+    probe=None,
+    progress=False,
+    token_nll_fn=None,
 ):
     from pretrain.evaluation.perplexity import score
 
@@ -134,7 +150,7 @@ def evaluate_text(
 
     totals = score(
         stream,
-        token_nll(model),
+        token_nll_fn or token_nll(model),
         length=length,
         stride=stride,
         batch_size=batch_size,
@@ -155,7 +171,59 @@ def evaluate_text(
     }
 
 
+def hf_token_nll(model):
+    """Per-token NLL ``[b, s]`` of a ``transformers`` causal LM (as megatron's with ``labels``)."""
+    import torch.nn.functional as F
+
+    def fn(tokens, positions, labels):
+        logits = model(input_ids=tokens, position_ids=positions).logits
+        return F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+
+    return fn
+
+
+class HFExport:
+    """A Hugging Face export as the evaluation needs it: tokenizer, config, model, metadata."""
+
+    def __init__(self, path: Path, tokenizer: str | None):
+        from data_prep.tokenizer import SentencePieceTokenizer, file_sha256
+        from pretrain.export_hf import METADATA
+
+        self.tag_dir = Path(path)
+        sp_model = self.tag_dir / "tokenizer.model"
+        if not (self.tag_dir / "config.json").is_file() or not sp_model.is_file():
+            raise CheckpointError(
+                f"{self.tag_dir} is not a Hugging Face export with a tokenizer.model "
+                "(python -m pretrain.export_hf writes one)"
+            )
+        meta_file = self.tag_dir / METADATA
+        self.meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if tokenizer is not None and file_sha256(tokenizer) != file_sha256(sp_model):
+            raise CheckpointError(
+                f"tokenizer {tokenizer} does not match the export's {sp_model}: token ids would "
+                "mean different things"
+            )
+        self.tokenizer = SentencePieceTokenizer(sp_model)
+        from transformers import AutoConfig
+
+        self.config = AutoConfig.from_pretrained(str(self.tag_dir), local_files_only=True)
+        self.step = self.meta.get("step")
+        self.seq_length = self.meta.get("model", {}).get("seq_length") or getattr(
+            self.config, "max_position_embeddings", None
+        )
+        self.learned_positions = self.config.model_type == "gpt2"
+
+    def load(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(
+            str(self.tag_dir), local_files_only=True, dtype=torch.float32
+        ).eval()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.hf_model is not None:
+        return run_hf(args)
     from pretrain.evaluation.checkpoints import open_checkpoint
     from pretrain.evaluation.oversmoothing import HiddenStateProbe
     from pretrain.evaluation.texts import load_text, swap_words
@@ -240,9 +308,94 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def run_hf(args: argparse.Namespace) -> dict[str, Any]:
+    """The evaluation of a Hugging Face export: same text, token ids, windows and metrics."""
+    from pretrain.evaluation.texts import load_text, swap_words
+
+    t0 = time.monotonic()
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        raise ConfigError("--hf-model evaluates on one process (no tensor parallelism)")
+    hf = HFExport(args.hf_model, args.tokenizer)
+    text = load_text(
+        args.data,
+        wikitext_source=args.wikitext,
+        text_field=args.text_field,
+        text_unit=args.text_unit,
+        max_documents=args.max_documents,
+    )
+    length = args.length or hf.seq_length
+    if not length:
+        raise ConfigError("--length is needed: the export records no training sequence length")
+    if hf.learned_positions and length > hf.config.n_positions:
+        raise ConfigError(
+            f"--length {length} exceeds the learned positions ({hf.config.n_positions})"
+        )
+    stride = length if args.protocol == "segments" else (args.stride or max(1, length // 2))
+    if not 1 <= stride <= length:
+        raise ConfigError(f"--stride {stride} must be between 1 and the window length {length}")
+    model = hf.load()
+    results, swap_logs = [], {}
+    for rate in [0.0, *args.swap_rates]:
+        corrupted = swap_words(text, rate, args.swap_seed) if rate else text
+        totals = evaluate_text(
+            model,
+            hf.tokenizer,
+            corrupted,
+            length=length,
+            stride=stride,
+            batch_size=args.batch_size,
+            progress=args.progress,
+            token_nll_fn=hf_token_nll(model),
+        )
+        extra = {"swapped_words": len(corrupted.swaps)} if rate else {}
+        results.append({"swap_rate": rate, **extra, **totals})
+        if rate:
+            swap_logs[rate] = corrupted.swaps
+    clean = results[0]
+    model_meta = hf.meta.get("model", {})
+    return {
+        "checkpoint": str(hf.tag_dir),
+        "hf_model": hf.meta.get("architecture") or type(model).__name__,
+        "step": hf.step,
+        "model": {
+            "attention": model_meta.get("attention", "softmax"),
+            "attention_layers": model_meta.get("attention_layers"),
+            "num_layers": hf.config.num_hidden_layers,
+            "hidden_size": hf.config.hidden_size,
+        },
+        "tokenizer_sha256": hf.tokenizer.sha256,
+        "data": {
+            "spec": args.data,
+            "documents": len(text.documents),
+            "words": text.words,
+            "bytes": text.bytes,
+            "lines": text.lines,
+        },
+        "protocol": {"name": args.protocol, "length": length, "stride": stride},
+        "tensor_parallel": 1,
+        **{k: clean[k] for k in ("token_ppl", "word_ppl", "bits_per_byte", "tokens", "words")},
+        "results": results,
+        "swap_seed": args.swap_seed,
+        "oversmoothing": None,
+        "elapsed_s": time.monotonic() - t0,
+        "_rank": 0,
+        "_swap_logs": swap_logs,
+    }
+
+
+def _output_base(report: dict) -> Path:
+    """Where results go by default: the run dir of a step dir, else beside the file/export."""
+    source = Path(report["checkpoint"])
+    if source.is_file():
+        return source.parent
+    if report.get("hf_model"):
+        return source
+    return source.parent.parent
+
+
 def default_out(report: dict, args) -> Path:
     tag_dir = Path(report["checkpoint"])
-    run_dir = tag_dir.parent.parent
+    run_dir = _output_base(report)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.data)[:60]
     return run_dir / "eval" / f"{tag_dir.name}-{safe}-{args.protocol}.json"
 
@@ -264,14 +417,14 @@ def write_outputs(report: dict, args) -> Path:
             plot_curves({label: report["oversmoothing"]["layers"]}, png)
         )
     atomic.write_text(out, json.dumps(report, indent=1))
-    tb = args.tensorboard or Path(report["checkpoint"]).parent.parent / "tensorboard" / "eval"
+    tb = args.tensorboard or _output_base(report) / "tensorboard" / "eval"
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(tb)) as w:
         for r in report["results"]:
             suffix = "" if r["swap_rate"] == 0 else f"_swap{r['swap_rate']}"
             for key in ("token_ppl", "word_ppl", "bits_per_byte"):
-                w.add_scalar(f"eval/{key}{suffix}", r[key], report["step"])
+                w.add_scalar(f"eval/{key}{suffix}", r[key], report["step"] or 0)
         if report["oversmoothing"]:
             for i, v in enumerate(report["oversmoothing"]["layers"]):
                 w.add_scalar(f"eval/oversmoothing/layer_{i:02d}", v, report["step"])
