@@ -1,0 +1,237 @@
+"""Hugging Face export: the exported model gives our logits (≤ 1e-5) and our perplexity through
+the evaluation entry point, loads offline with ``AutoModelForCausalLM``/``AutoTokenizer``, and
+twicing (or otherwise non-standard) models are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import run
+from pretrain_runs import train
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+#: the tiny GPT, with a padded vocabulary (1024 pieces → 1100 rows)
+BASE = dict(
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    ffn_hidden_size=128,
+    vocab_size=1024,
+    vocab_pad_multiple=100,
+    seq_length=64,
+    attention="softmax",
+)
+LLAMA = dict(position_embedding="rope", normalization="RMSNorm", activation="swiglu")
+GPT2 = dict(position_embedding="learned_absolute", normalization="LayerNorm")
+
+VARIANTS = {
+    "llama": {**LLAMA, "add_bias_linear": False, "tied_embeddings": False},
+    "llama-gqa-bias-tied": {**LLAMA, "num_query_groups": 2, "rotary_base": 500},
+    "llama-mqa-eps": {**LLAMA, "num_query_groups": 1, "layernorm_epsilon": 1e-6},
+    "gpt2-gelu": {**GPT2, "activation": "gelu"},
+    "gpt2-relu-untied": {**GPT2, "activation": "relu", "tied_embeddings": False},
+    "gpt2-nobias-gqa": {
+        **GPT2,
+        "activation": "gelu",
+        "add_bias_linear": False,
+        "num_query_groups": 2,
+    },
+}
+
+
+def tokenizer_model(manifest: Path) -> Path:
+    return (manifest.parent / json.loads(manifest.read_text())["tokenizer"]["model"]).resolve()
+
+
+def synthetic_checkpoint(tmp_path: Path, manifest: Path, name: str, **overrides) -> Path:
+    """A consolidated file of a randomly perturbed model (norms, biases, all weights ≠ init)."""
+    from data_prep.tokenizer import SentencePieceTokenizer
+    from model import ModelConfig, build_gpt
+    from model.strict_config import to_dict
+    from model.tp_layout import layout_of
+    from pretrain.consolidate import consolidate
+    from pretrain.evaluation.checkpoints import Checkpoint
+
+    cfg = ModelConfig(**{**BASE, **overrides})
+    torch.manual_seed(0)
+    model = build_gpt(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    weights = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    tok = SentencePieceTokenizer(tokenizer_model(manifest))
+    state = {
+        "step": 0,
+        "consumed_samples": 0,
+        "config": {"model": to_dict(cfg)},
+        "topology": {"tensor": 1, "data": 1, "zero_stage": 1},
+        "tp_layout": {k: v.to_json() for k, v in layout_of(model).items()},
+        "tokenizer": {
+            "file": "tokenizer.model",
+            "sha256": tok.sha256,
+            "vocab_size": tok.vocab_size,
+            "eod": tok.eod,
+        },
+    }
+    ck = Checkpoint(tmp_path / name, state, cfg, tok, weights)
+    return consolidate(ck, tmp_path / f"{name}.pt")
+
+
+def our_logits(ck, x: torch.Tensor) -> torch.Tensor:
+    from pretrain.evaluate import build_model
+
+    model = build_model(ck, 0, 1)
+    with torch.no_grad():
+        return model(x, torch.arange(x.shape[1]).expand_as(x), None)
+
+
+def hf_logits(out: Path, x: torch.Tensor):
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    with torch.no_grad():
+        return model(input_ids=x).logits, model
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_exported_model_gives_our_logits(variant, wikitext_manifest, tmp_path, one_rank):
+    from pretrain.evaluation.checkpoints import open_checkpoint
+    from pretrain.export_hf import export
+
+    path = synthetic_checkpoint(tmp_path, wikitext_manifest, variant, **VARIANTS[variant])
+    ck = open_checkpoint(path)
+    meta = export(ck, tmp_path / "hf")
+    x = torch.randint(0, 1024, (3, 64), generator=torch.Generator().manual_seed(2))
+    ours = our_logits(ck, x)
+    theirs, model = hf_logits(tmp_path / "hf", x)
+    expected = "LlamaForCausalLM" if variant.startswith("llama") else "GPT2LMHeadModel"
+    assert type(model).__name__ == meta["architecture"] == expected
+    assert theirs.shape == ours.shape == (3, 64, 1100)  # the padded vocabulary is kept
+    diff = (theirs - ours).abs().max().item()
+    print(f"{variant}: max |logit diff| {diff:.3g}")
+    assert diff <= 1e-5 and ours.abs().max() > 0.5
+    tied = VARIANTS[variant].get("tied_embeddings", True)
+    emb = model.get_input_embeddings().weight
+    assert (model.get_output_embeddings().weight.data_ptr() == emb.data_ptr()) == tied
+
+
+def test_bf16_export(wikitext_manifest, tmp_path, one_rank):
+    from pretrain.evaluation.checkpoints import open_checkpoint
+    from pretrain.export_hf import export
+
+    path = synthetic_checkpoint(tmp_path, wikitext_manifest, "bf16", **VARIANTS["llama"])
+    export(open_checkpoint(path), tmp_path / "hf", dtype="bf16")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.dtype == torch.bfloat16
+    assert json.loads((tmp_path / "hf/config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({**LLAMA, "attention": "twicing"}, "layers [0, 1] use twicing attention"),
+        ({**GPT2, "attention": "twicing", "attention_layers": "last:1"}, "layers [1] use twicing"),
+        ({"position_embedding": "rope", "normalization": "LayerNorm"}, "no standard transformers"),
+        ({**LLAMA, "activation": "gelu"}, "no standard transformers architecture matches"),
+    ],
+)
+def test_non_standard_models_are_refused(
+    overrides, message, wikitext_manifest, tmp_path, capsys, one_rank
+):
+    from pretrain.export_hf import main
+
+    path = synthetic_checkpoint(tmp_path, wikitext_manifest, "x", **overrides)
+    assert main(["--checkpoint", str(path), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if "twicing" in message:
+        assert "cannot be exported to Hugging Face" in err and "softmax" in err
+    assert not (tmp_path / "hf").exists()
+
+
+# ------------------------------------------------------------------------------ end to end
+EVAL = ["-m", "pretrain.evaluate", "--data", "wikitext-2:valid", "--max-documents", "3"]
+TRAINED = [
+    "model.attention=softmax",
+    "model.normalization=RMSNorm",
+    "model.activation=swiglu",
+    "model.num_query_groups=2",
+    "parallel.tensor=2",
+    "parallel.zero_stage=1",
+    "training.train_steps=4",
+    "checkpoint.interval=4",
+]
+
+
+@pytest.mark.slow
+def test_trained_run_exports_and_scores_the_same_perplexity(wikitext_manifest, tmp_path):
+    """A run trained at TP=2 → export CLI → offline HF load: tokenizer ids and logits match,
+    and ``pretrain.evaluate --hf-model`` reports the checkpoint's perplexity."""
+    run_dir = tmp_path / "run"
+    train(run_dir, wikitext_manifest, 2, *TRAINED)
+    out = tmp_path / "hf"
+    ((rc, text),) = run(
+        ["-m", "pretrain.export_hf", "--checkpoint", str(run_dir), "--out", str(out)], 1
+    )
+    assert rc == 0 and "as LlamaForCausalLM" in text and "AutoTokenizer" in text
+    assert {p.name for p in out.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "twicing_export.json",
+    }
+
+    from data_prep.tokenizer import SentencePieceTokenizer
+    from pretrain.evaluation.texts import load_text
+
+    sp = SentencePieceTokenizer(out / "tokenizer.model")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    docs = load_text("wikitext-2:valid").documents
+    assert all(hf_tok(d, add_special_tokens=False)["input_ids"] == sp.encode(d) for d in docs)
+    assert hf_tok.decode(sp.encode(docs[0])) == sp.decode(sp.encode(docs[0]))
+    assert hf_tok.eos_token_id == sp.eod
+
+    common = [*EVAL, "--no-progress", "--no-oversmoothing"]
+    a, b = tmp_path / "ckpt.json", tmp_path / "hf.json"
+    run([*common, "--checkpoint", str(run_dir), "--out", str(a)], 1)
+    run([*common, "--hf-model", str(out), "--out", str(b)], 1)
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert rb["hf_model"] == "LlamaForCausalLM" and rb["step"] == ra["step"] == 4
+    assert rb["tokens"] == ra["tokens"] > 5000 and rb["words"] == ra["words"]
+    rel = abs(rb["token_ppl"] - ra["token_ppl"]) / ra["token_ppl"]
+    print(
+        f"perplexity: checkpoint {ra['token_ppl']:.6f}, HF export {rb['token_ppl']:.6f}, "
+        f"relative difference {rel:.2g}"
+    )
+    assert rel <= 1e-6
+    assert abs(rb["word_ppl"] - ra["word_ppl"]) / ra["word_ppl"] <= 1e-6
+
+
+@pytest.mark.slow
+def test_gpt2_export_scores_the_same_nll(wikitext_manifest, tmp_path, one_rank):
+    """GPT-2 style: the evaluation's scoring of the export (``hf_token_nll``, as ``--hf-model``
+    runs it) equals the megatron model's on the same windows."""
+    from pretrain.evaluate import build_model, evaluate_text, hf_token_nll
+    from pretrain.evaluation.checkpoints import open_checkpoint
+    from pretrain.evaluation.texts import load_text
+    from pretrain.export_hf import export
+
+    path = synthetic_checkpoint(tmp_path, wikitext_manifest, "g", **VARIANTS["gpt2-nobias-gqa"])
+    ck = open_checkpoint(path)
+    export(ck, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    text = load_text("wikitext-2:valid", max_documents=2)
+    kw = dict(length=64, stride=32, batch_size=4)
+    ours = evaluate_text(build_model(ck, 0, 1), ck.tokenizer, text, **kw)
+    theirs = evaluate_text(hf, ck.tokenizer, text, token_nll_fn=hf_token_nll(hf), **kw)
+    assert ours["tokens"] == theirs["tokens"]
+    assert abs(ours["nll_sum"] - theirs["nll_sum"]) / ours["nll_sum"] <= 1e-6
