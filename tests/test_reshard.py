@@ -163,11 +163,12 @@ def test_universal_conversion_holds_the_tp1_weights(originals):
     grouped QKV included), its Adam moments have the full shapes, and a second conversion of
     the same checkpoint is reused, not redone."""
     from pretrain.evaluation.checkpoints import full_state_dict, open_checkpoint
-    from pretrain.universal import SOURCE, convert
+    from pretrain.universal import SOURCE, convert, main
 
     ck = open_checkpoint(originals[2], "step_00000003")
-    out = convert(ck.tag_dir)
-    assert out == originals[2] / "checkpoints/universal/step_00000003"
+    assert main([str(originals[2]), "--tag", "step_00000003"]) == 0  # the offline command
+    out = originals[2] / "checkpoints/universal/step_00000003"
+    assert (out / "COMPLETE").is_file() and not list(out.parent.glob(".tmp-*"))
     full = full_state_dict(ck)
     assert any(ck.layout[k].stride == 2 for k in full)
     for name, weight in full.items():
