@@ -22,8 +22,8 @@ def init(env: LaunchEnv, tensor_parallel: int, timeout_minutes: float) -> None:
     import deepspeed
 
     env.export()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
+    if torch.cuda.is_available():  # modulo: sites that give each task a single visible GPU
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     timeout = datetime.timedelta(minutes=timeout_minutes)

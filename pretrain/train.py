@@ -8,19 +8,26 @@ by running the same command again), 2 bad configuration, 3 non-finite loss under
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import traceback
-from pathlib import Path
+from pretrain.signals import EXIT_NONFINITE, StopRequest
 
-import yaml
+#: Installed before the heavy imports below when run as a program: Slurm signals every process
+#: of a step, so a stop that arrives during start-up is remembered instead of killing the rank.
+STOP = StopRequest()
+if __name__ == "__main__":
+    STOP.install()
 
-from model.strict_config import ConfigError
-from pretrain.checkpoint import CheckpointError
-from pretrain.config import TrainConfig, load_config
-from pretrain.launch_env import launch_env
-from pretrain.signals import EXIT_NONFINITE
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+from model.strict_config import ConfigError  # noqa: E402
+from pretrain.checkpoint import CheckpointError  # noqa: E402
+from pretrain.config import TrainConfig, load_config  # noqa: E402
+from pretrain.launch_env import launch_env  # noqa: E402
 
 EXIT_ERROR, EXIT_CONFIG, EXIT_CHECKPOINT = 1, 2, 4
 
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    trainer = Trainer(cfg, env, tokenizer, blend)
+    trainer = Trainer(cfg, env, tokenizer, blend, stop=STOP)
     try:
         trainer.setup()
         code = trainer.run()

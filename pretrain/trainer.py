@@ -41,13 +41,18 @@ class StepResult:
 
 class Trainer:
     def __init__(
-        self, cfg: TrainConfig, env: LaunchEnv, tokenizer: Any, blend_kwargs: dict[str, Any]
+        self,
+        cfg: TrainConfig,
+        env: LaunchEnv,
+        tokenizer: Any,
+        blend_kwargs: dict[str, Any],
+        stop: StopRequest | None = None,
     ):
         self.cfg = cfg
         self.env = env
         self.tokenizer = tokenizer
         self.blend_kwargs = blend_kwargs
-        self.stop = StopRequest()
+        self.stop = stop or StopRequest()
         self.step = 0
         self.consumed_samples = 0
         self.skipped_steps = 0
@@ -160,6 +165,9 @@ class Trainer:
             f"grad accumulation {self.accumulation}, "
             f"{self.num_params:,} parameters"
         )
+        if distributed.any_rank(self.stop.requested):  # a stop that arrived during start-up
+            self.metrics.print("[train] stop requested before the first step; exiting to resume")
+            return EXIT_RESUMABLE
         while self.step < cfg.training.train_steps:
             t0 = time.perf_counter()
             result = self._train_step()

@@ -176,3 +176,14 @@ def test_nonfinite_loss_is_skipped_or_halts(wikitext_manifest, tmp_path, stage):
     assert [rc for rc, _ in results] == [3, 3]
     assert "non-finite" in results[0][1]
     assert (halt / "checkpoints/latest").read_text() == "step_00000002"  # nothing saved after
+
+
+def test_a_stop_signal_during_start_up_exits_75_without_training(wikitext_manifest, tmp_path):
+    run = tmp_path / "run"
+    procs = start(run, wikitext_manifest, 2, "training.train_steps=50", "parallel.zero_stage=1")
+    time.sleep(1.0)  # inside the imports / process-group set-up, before any step
+    signal_all(procs, signal.SIGUSR1)
+    codes = finish(procs)
+    assert codes == [75, 75], [output(procs, r)[-2000:] for r in range(2)]
+    assert "stop requested before the first step" in output(procs, 0)
+    assert metrics(run) == [] and not (run / "checkpoints" / "latest").exists()
