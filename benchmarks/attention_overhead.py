@@ -7,7 +7,7 @@ side by side in one run, round-robin, taking the fastest of ``--repeats`` runs o
 VM's noise only adds time; pass ``--stat median`` to see medians). glibc is told to keep freed
 memory (see ``_timing.MALLOC_ENV``; ``TWICING_NO_MALLOC_TUNING=1`` turns that off).
 
-    python benchmarks/attention_overhead.py [--seqs 256 1024 2048] [--repeats 5]
+    python benchmarks/attention_overhead.py [--seqs 256 1024 2048] [--repeats 11]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=11, help="runs per length (half at >= 2048)")
     parser.add_argument("--stat", choices=["min", "median"], default="min")
     parser.add_argument("--skip-official", action="store_true")
     args = parser.parse_args()
@@ -71,7 +71,7 @@ def main() -> int:
             torch.randn(args.batch, s, args.heads, args.head_dim, requires_grad=True)
             for _ in range(3)
         )
-        reps = args.repeats
+        reps = args.repeats if s < 2048 else max(3, args.repeats // 2)
         t = interleaved(
             {"softmax": fwd_bwd(attend, q, k, v), "twicing": fwd_bwd(twicing_attention, q, k, v)},
             reps,

@@ -3,7 +3,7 @@
 Same shape, same attention function, same batch, AdamW + grad clipping on both sides; prints
 tokens/s of each and the ratio ours / plain (target ≥ 1.0), measured round-robin in one run.
 
-    python benchmarks/train_step_vs_plain.py [--attention twicing] [--rounds 4] [--steps 3]
+    python benchmarks/train_step_vs_plain.py [--attention twicing] [--rounds 8] [--steps 2]
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
 
     os.environ.update(

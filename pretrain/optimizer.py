@@ -38,7 +38,7 @@ def zero0_optimizer(groups: list[dict], opt: OptimizerConfig) -> SkippableAdamW:
         betas=tuple(opt.betas),
         eps=opt.eps,
         weight_decay=opt.weight_decay,
-        fused=torch.cuda.is_available(),
+        fused=True,  # a CUDA and a CPU kernel; on CPU ~4x faster than the per-parameter loop
     )
 
 
