@@ -2,7 +2,8 @@
 
 Trains the same small GPT (``configs/study_wt2.yaml``) on WikiText-2 for each variant and seed
 (equal steps and tokens), evaluates every final checkpoint on WikiText-103 valid with
-``python -m pretrain.evaluate`` (token- and word-level perplexity, over-smoothing), and writes:
+``python -m pretrain.evaluate`` (token- and word-level perplexity, over-smoothing, attention
+entropy), and writes:
 
 - ``results/wikitext_cpu_study.md``: mean ± std table, time per step, the exact command;
 - ``results/wikitext_cpu_study.png``: mean over-smoothing curve per variant;
@@ -49,7 +50,8 @@ def run(cmd: list[str], log: Path) -> None:
 def one(variant: str, seed: int, args, manifest: Path) -> dict:
     run_dir = args.work / slug(variant) / f"seed{seed}"
     out = run_dir / "eval.json"
-    if not out.exists():
+    report = json.loads(out.read_text()) if out.exists() else None
+    if report is None:
         overrides = [
             *VARIANTS[variant],
             f"run_dir={run_dir}",
@@ -63,6 +65,7 @@ def one(variant: str, seed: int, args, manifest: Path) -> dict:
             ["-m", "pretrain.train", "--config", str(args.config), *overrides],
             run_dir / "train.log",
         )
+    if report is None or report.get("attention_entropy") is None:
         evaluate = [
             "-m",
             "pretrain.evaluate",
@@ -75,11 +78,12 @@ def one(variant: str, seed: int, args, manifest: Path) -> dict:
             "--batch-size",
             "16",
             "--no-progress",
+            "--attention-entropy",
         ]
         if args.wikitext:
             evaluate += ["--wikitext", args.wikitext]
         run(evaluate, run_dir / "eval.log")
-    report = json.loads(out.read_text())
+        report = json.loads(out.read_text())
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     seconds = [s["seconds"] for s in steps if "seconds" in s and s["step"] > 5]
     return {
@@ -90,8 +94,12 @@ def one(variant: str, seed: int, args, manifest: Path) -> dict:
         "tokens": report["tokens"],
         "words": report["words"],
         "seconds_per_step": statistics.median(seconds),
+        "train_seconds": sum(s["seconds"] for s in steps if "seconds" in s),
+        "eval_seconds": report["elapsed_s"],
         "final_train_loss": steps[-1]["loss"],
         "oversmoothing": report["oversmoothing"]["layers"],
+        "attention_entropy": report["attention_entropy"]["entropy"],
+        "attention_entropy_normalized": report["attention_entropy"]["normalized"],
     }
 
 
@@ -148,11 +156,21 @@ def main() -> int:
         v: [statistics.mean(c) for c in zip(*(r["oversmoothing"] for r in rs), strict=True)]
         for v, rs in by_variant.items()
     }
+    variants = list(by_variant)
+    entropy = {
+        v: tuple(
+            [statistics.mean(c) for c in zip(*(r[key] for r in rs), strict=True)]
+            for key in ("attention_entropy", "attention_entropy_normalized")
+        )
+        for v, rs in by_variant.items()
+    }
     png = plot_curves(
         curves,
         args.results / "wikitext_cpu_study.png",
         title="over-smoothing on WikiText-103 valid (mean over seeds)",
     )
+    train_min = sum(r["train_seconds"] for r in rows) / 60
+    eval_min = sum(r["eval_seconds"] for r in rows) / 60
     m, gbs = cfg.model, cfg.training.global_batch_size
     command = "python benchmarks/reproduce_wikitext.py " + shlex.join(sys.argv[1:])
     lines = [
@@ -187,8 +205,24 @@ def main() -> int:
         "|---|" + "---:|" * len(next(iter(curves.values()))),
         *(f"| {v} | " + " | ".join(f"{x:.3f}" for x in c) + " |" for v, c in curves.items()),
         "",
-        f"Command: `{command}` ({(time.monotonic() - t0) / 60:.0f} min on this run's machine; "
-        "finished runs are reused).",
+        "Attention entropy (mean entropy in nats of each query's causal attention distribution "
+        "`A` per transformer layer, over heads, positions and segments; for twicing the `A` of "
+        "`2A − A²`; normalised by `log(i+1)` in brackets; mean over seeds):",
+        "",
+        "| variant | "
+        + " | ".join(f"layer {i + 1}" for i in range(len(entropy[variants[0]])))
+        + " |",
+        "|---|" + "---:|" * len(entropy[variants[0]]),
+        *(
+            f"| {v} | "
+            + " | ".join(f"{h:.3f} ({n:.3f})" for h, n in zip(*entropy[v], strict=True))
+            + " |"
+            for v in variants
+        ),
+        "",
+        f"Command: `{command}`. Compute: {train_min:.0f} min of training steps and "
+        f"{eval_min:.0f} min of evaluation over all runs; this invocation took "
+        f"{(time.monotonic() - t0) / 60:.0f} min (finished runs are reused).",
     ]
     (args.results / "wikitext_cpu_study.md").write_text("\n".join(lines) + "\n")
     (args.results / "wikitext_cpu_study.json").write_text(json.dumps(rows, indent=1))

@@ -7,7 +7,8 @@ file (``pretrain.consolidate``); ``--hf-model DIR`` scores a Hugging Face export
 the protocol are exactly those of the checkpoint's evaluation (one process, no over-smoothing).
 Reports token-level perplexity, word-level perplexity normalised to the original whitespace
 words (Megatron's "adjusted" perplexity, comparable with word-level WikiText numbers), bits per
-byte, counts; optionally the same on text with seeded word swaps, and per-layer over-smoothing.
+byte, counts; optionally the same on text with seeded word swaps, per-layer over-smoothing and
+per-layer attention entropy (``--attention-entropy``).
 Writes a JSON file, a summary table, TensorBoard scalars and (with over-smoothing) a PNG.
 
 Exit codes: 0 done, 2 bad arguments or data, 4 missing/incomplete/damaged checkpoint or a
@@ -73,7 +74,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--skip-positions",
         type=int,
         default=0,
-        help="leading positions left out of the over-smoothing metric",
+        help="leading positions left out of the over-smoothing and entropy metrics",
+    )
+    p.add_argument(
+        "--attention-entropy",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also report each layer's mean attention entropy (costs one more QKᵀ per layer)",
     )
     p.add_argument("--out", type=Path, help="results JSON (default: <run>/eval/<tag>-<data>.json)")
     p.add_argument("--png", type=Path, help="over-smoothing plot (default: beside --out)")
@@ -224,6 +231,7 @@ class HFExport:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.hf_model is not None:
         return run_hf(args)
+    from pretrain.evaluation.attention_entropy import AttentionEntropyProbe
     from pretrain.evaluation.checkpoints import open_checkpoint
     from pretrain.evaluation.oversmoothing import HiddenStateProbe
     from pretrain.evaluation.texts import load_text, swap_words
@@ -249,6 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rank, tp = _init_parallel()
     model = build_model(ck, rank, tp)
     probe = HiddenStateProbe(model, args.skip_positions) if args.oversmoothing else None
+    entropy = AttentionEntropyProbe(model, args.skip_positions) if args.attention_entropy else None
     show = args.progress and rank == 0
     clean = evaluate_text(
         model,
@@ -262,6 +271,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if probe is not None:
         probe.remove()
+    if entropy is not None:
+        entropy.remove()
     results = [{"swap_rate": 0.0, **clean}]
     swap_logs = {}
     for rate in args.swap_rates:
@@ -302,6 +313,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "oversmoothing": (
             {"skip_positions": args.skip_positions, "layers": probe.result()} if probe else None
         ),
+        "attention_entropy": (
+            {"skip_positions": args.skip_positions, **entropy.result()} if entropy else None
+        ),
         "elapsed_s": time.monotonic() - t0,
         "_rank": rank,
         "_swap_logs": swap_logs,
@@ -315,6 +329,8 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         raise ConfigError("--hf-model evaluates on one process (no tensor parallelism)")
+    if args.attention_entropy:
+        raise ConfigError("--attention-entropy needs a twicing-lm checkpoint, not --hf-model")
     hf = HFExport(args.hf_model, args.tokenizer)
     text = load_text(
         args.data,
@@ -377,6 +393,7 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
         "results": results,
         "swap_seed": args.swap_seed,
         "oversmoothing": None,
+        "attention_entropy": None,
         "elapsed_s": time.monotonic() - t0,
         "_rank": 0,
         "_swap_logs": swap_logs,
@@ -428,6 +445,9 @@ def write_outputs(report: dict, args) -> Path:
         if report["oversmoothing"]:
             for i, v in enumerate(report["oversmoothing"]["layers"]):
                 w.add_scalar(f"eval/oversmoothing/layer_{i:02d}", v, report["step"])
+        if report.get("attention_entropy"):
+            for i, v in enumerate(report["attention_entropy"]["entropy"], start=1):
+                w.add_scalar(f"eval/attention_entropy/layer_{i:02d}", v, report["step"])
     return out
 
 
@@ -449,6 +469,9 @@ def summary(report: dict, out: Path) -> str:
     if report["oversmoothing"]:
         curve = " ".join(f"{v:.3f}" for v in report["oversmoothing"]["layers"])
         lines.append(f"over-smoothing (layer 0..L): {curve}")
+    if report.get("attention_entropy"):
+        curve = " ".join(f"{v:.3f}" for v in report["attention_entropy"]["entropy"])
+        lines.append(f"attention entropy, nats (layer 1..L): {curve}")
     lines.append(f"results: {out}")
     return "\n".join(lines)
 

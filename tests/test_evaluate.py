@@ -160,6 +160,7 @@ def test_tp2_checkpoint_evaluated_at_tp2_and_tp1_agree(tp2_run, tmp_path):
 
     out1, out2 = tmp_path / "tp1.json", tmp_path / "tp2.json"
     common = [*EVAL, "--checkpoint", str(tp2_run), "--swap-rates", "0.1", "--swap-seed", "3"]
+    common += ["--attention-entropy", "--skip-positions", "1"]
     run([*common, "--out", str(out1)], 1, timeout=300)
     run([*common, "--out", str(out2), "--no-oversmoothing"], 2, timeout=300)
     a, b = json.loads(out1.read_text()), json.loads(out2.read_text())
@@ -167,6 +168,11 @@ def test_tp2_checkpoint_evaluated_at_tp2_and_tp1_agree(tp2_run, tmp_path):
     for ra, rb in zip(a["results"], b["results"], strict=True):
         assert ra["tokens"] == rb["tokens"] and ra["swap_rate"] == rb["swap_rate"]
         assert abs(ra["token_ppl"] - rb["token_ppl"]) / ra["token_ppl"] <= 1e-6
+    ea, eb = a["attention_entropy"], b["attention_entropy"]  # TP=2: each rank holds 2 heads
+    assert len(ea["entropy"]) == 2 and ea["skip_positions"] == 1
+    for key in ("entropy", "normalized"):
+        assert eb[key] == pytest.approx(ea[key], rel=1e-6)
+    assert all(0 < v < 1 for v in ea["normalized"])
     clean, swapped = a["results"]
     assert swapped["token_ppl"] > clean["token_ppl"] and swapped["swapped_words"] > 0
     swaps = (tmp_path / "tp1.swaps-p0.1.jsonl").read_text().splitlines()
@@ -177,9 +183,12 @@ def test_tp2_checkpoint_evaluated_at_tp2_and_tp1_agree(tp2_run, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     events = EventAccumulator(str(tp2_run / "tensorboard" / "eval"))
     events.Reload()
-    assert {"eval/token_ppl", "eval/word_ppl", "eval/token_ppl_swap0.1"} <= set(
-        events.Tags()["scalars"]
-    )
+    assert {
+        "eval/token_ppl",
+        "eval/word_ppl",
+        "eval/token_ppl_swap0.1",
+        "eval/attention_entropy/layer_01",
+    } <= set(events.Tags()["scalars"])
 
 
 @pytest.mark.slow

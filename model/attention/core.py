@@ -18,7 +18,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from model.attention.backend import Backend, attend
+from model.attention.backend import Backend, attend, repeat_kv
 from model.attention.first_values import FirstLayerValues
 from model.attention.twicing import twicing_attention
 
@@ -99,6 +99,13 @@ class CoreAttention(MegatronModule):
     def attention(self, q, k, v, causal: bool, *extra: torch.Tensor) -> torch.Tensor:
         """The variant's math on ``[batch, seq, heads, head_dim]``; returns that shape."""
         raise NotImplementedError
+
+    def attention_logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Unmasked logits ``[b, h, s_q, s_k]`` of the softmax map ``A`` this variant uses
+        (diagnostics only; the forward pass never materialises them). Twicing's effective
+        weights ``2A − A²`` are built from this same ``A``."""
+        k = repeat_kv(k, q.size(2))
+        return torch.einsum("bihd,bjhd->bhij", q.float(), k.float()) * self.softmax_scale
 
     def forward(
         self,

@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from model.attention.core import CoreAttention
-from model.attention.variants import NeuralScorer, neural_attention
+from model.attention.variants import NeuralScorer, neural_attention, neural_scores
 
 _SHAPES = {  # name -> shape after the head dimension, in terms of (d, d′)
     "wq": lambda d, e: (d, e),
@@ -68,6 +68,11 @@ class NeuralCoreAttention(CoreAttention):
             )
         return out
 
+    def _scorer(self) -> NeuralScorer:
+        return NeuralScorer(**{name: getattr(self, name) for name in _SHAPES})
+
     def attention(self, q, k, v, causal, *extra):
-        w = NeuralScorer(**{name: getattr(self, name) for name in _SHAPES})
-        return neural_attention(q, k, v, w, causal=causal)
+        return neural_attention(q, k, v, self._scorer(), causal=causal)
+
+    def attention_logits(self, q, k):
+        return neural_scores(q, k, self._scorer())

@@ -71,17 +71,22 @@ class NeuralScorer:
     #                                 row, which softmax cancels: it is left out)
 
 
-def neural_attention(q, k, v, w: NeuralScorer, *, causal: bool = True):
-    """Pairwise-MLP attention scores, softmax, ``·V`` (no flash kernel, no ``1/√d``)."""
-    heads = q.size(2)
-    k, v = repeat_kv(k, heads), repeat_kv(v, heads)
+def neural_scores(q, k, w: NeuralScorer) -> torch.Tensor:
+    """Unmasked pairwise-MLP scores ``[b, h, s_q, s_k]`` (the softmax's input)."""
+    k = repeat_kv(k, q.size(2))
     qp = torch.einsum("bshd,hde->bhse", q, w.wq)  # [b, h, s, d′]
     kp = torch.einsum("bshd,hde->bhse", k, w.wk)
     a = torch.einsum("bhse,hef->bhsf", qp, w.w1q)  # query half of the first MLP layer
     c = torch.einsum("bhse,hef->bhsf", kp, w.w1k)  # key half
     hidden = F.relu(a.unsqueeze(3) + c.unsqueeze(2) + w.b1[None, :, None, None, :])  # [b,h,s,s,d′]
     hidden = F.relu(torch.einsum("bhijf,hfg->bhijg", hidden, w.w2) + w.b2[None, :, None, None, :])
-    scores = torch.einsum("bhijg,hg->bhij", hidden, w.w3)
+    return torch.einsum("bhijg,hg->bhij", hidden, w.w3)
+
+
+def neural_attention(q, k, v, w: NeuralScorer, *, causal: bool = True):
+    """Pairwise-MLP attention scores, softmax, ``·V`` (no flash kernel, no ``1/√d``)."""
+    v = repeat_kv(v, q.size(2))
+    scores = neural_scores(q, k, w)
     if causal:
         s = q.size(1)
         mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
