@@ -172,7 +172,7 @@ def main() -> int:
     train_min = sum(r["train_seconds"] for r in rows) / 60
     eval_min = sum(r["eval_seconds"] for r in rows) / 60
     m, gbs = cfg.model, cfg.training.global_batch_size
-    command = "python benchmarks/reproduce_wikitext.py " + shlex.join(sys.argv[1:])
+    command = shlex.join(["python", "benchmarks/reproduce_wikitext.py", *sys.argv[1:]])
     lines = [
         "# CPU-scale attention study on WikiText",
         "",
@@ -210,9 +210,9 @@ def main() -> int:
         "`2A − A²`; normalised by `log(i+1)` in brackets; mean over seeds):",
         "",
         "| variant | "
-        + " | ".join(f"layer {i + 1}" for i in range(len(entropy[variants[0]])))
+        + " | ".join(f"layer {i + 1}" for i in range(len(entropy[variants[0]][0])))
         + " |",
-        "|---|" + "---:|" * len(entropy[variants[0]]),
+        "|---|" + "---:|" * len(entropy[variants[0]][0]),
         *(
             f"| {v} | "
             + " | ".join(f"{h:.3f} ({n:.3f})" for h, n in zip(*entropy[v], strict=True))
