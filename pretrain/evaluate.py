@@ -178,54 +178,59 @@ def evaluate_text(
     }
 
 
-def hf_token_nll(model):
-    """Per-token NLL ``[b, s]`` of a ``transformers`` causal LM (as megatron's with ``labels``)."""
-    import torch.nn.functional as F
+def _load_text(args: argparse.Namespace):
+    from pretrain.evaluation.texts import load_text
 
-    def fn(tokens, positions, labels):
-        logits = model(input_ids=tokens, position_ids=positions).logits
-        return F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+    return load_text(
+        args.data,
+        wikitext_source=args.wikitext,
+        text_field=args.text_field,
+        text_unit=args.text_unit,
+        max_documents=args.max_documents,
+    )
 
-    return fn
+
+def _stride(args: argparse.Namespace, length: int) -> int:
+    """The window stride of the chosen protocol (validated against ``length``)."""
+    stride = length if args.protocol == "segments" else (args.stride or max(1, length // 2))
+    if not 1 <= stride <= length:
+        raise ConfigError(f"--stride {stride} must be between 1 and the window length {length}")
+    return stride
 
 
-class HFExport:
-    """A Hugging Face export as the evaluation needs it: tokenizer, config, model, metadata."""
+def _clean_and_swapped(text, args, *, evaluate, probe=None) -> tuple[list[dict], dict]:
+    """Results on the clean text (with ``probe``) and at each ``--swap-rates`` p; swap logs."""
+    from pretrain.evaluation.texts import swap_words
 
-    def __init__(self, path: Path, tokenizer: str | None):
-        from data_prep.tokenizer import SentencePieceTokenizer, file_sha256
-        from pretrain.export_hf import METADATA
+    results = [{"swap_rate": 0.0, **evaluate(text, probe)}]
+    swap_logs = {}
+    for rate in args.swap_rates:
+        corrupted = swap_words(text, rate, args.swap_seed)
+        r = evaluate(corrupted, None)
+        results.append({"swap_rate": rate, "swapped_words": len(corrupted.swaps), **r})
+        swap_logs[rate] = corrupted.swaps
+    return results, swap_logs
 
-        self.tag_dir = Path(path)
-        sp_model = self.tag_dir / "tokenizer.model"
-        if not (self.tag_dir / "config.json").is_file() or not sp_model.is_file():
-            raise CheckpointError(
-                f"{self.tag_dir} is not a Hugging Face export with a tokenizer.model "
-                "(python -m pretrain.export_hf writes one)"
-            )
-        meta_file = self.tag_dir / METADATA
-        self.meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        if tokenizer is not None and file_sha256(tokenizer) != file_sha256(sp_model):
-            raise CheckpointError(
-                f"tokenizer {tokenizer} does not match the export's {sp_model}: token ids would "
-                "mean different things"
-            )
-        self.tokenizer = SentencePieceTokenizer(sp_model)
-        from transformers import AutoConfig
 
-        self.config = AutoConfig.from_pretrained(str(self.tag_dir), local_files_only=True)
-        self.step = self.meta.get("step")
-        self.seq_length = self.meta.get("model", {}).get("seq_length") or getattr(
-            self.config, "max_position_embeddings", None
-        )
-        self.learned_positions = self.config.model_type == "gpt2"
-
-    def load(self):
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(
-            str(self.tag_dir), local_files_only=True, dtype=torch.float32
-        ).eval()
+def _report(args, text, *, length, stride, results, swap_logs, t0, **source) -> dict[str, Any]:
+    """The JSON report: ``source`` (checkpoint, step, model, tokenizer, TP, probes) + metrics."""
+    clean = results[0]
+    return {
+        **source,
+        "data": {
+            "spec": args.data,
+            "documents": len(text.documents),
+            "words": text.words,
+            "bytes": text.bytes,
+            "lines": text.lines,
+        },
+        "protocol": {"name": args.protocol, "length": length, "stride": stride},
+        **{k: clean[k] for k in ("token_ppl", "word_ppl", "bits_per_byte", "tokens", "words")},
+        "results": results,
+        "swap_seed": args.swap_seed,
+        "elapsed_s": time.monotonic() - t0,
+        "_swap_logs": swap_logs,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -234,97 +239,69 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.evaluation.attention_entropy import AttentionEntropyProbe
     from pretrain.evaluation.checkpoints import open_checkpoint
     from pretrain.evaluation.oversmoothing import HiddenStateProbe
-    from pretrain.evaluation.texts import load_text, swap_words
 
     t0 = time.monotonic()
     ck = open_checkpoint(args.checkpoint, args.tag, args.tokenizer)
-    text = load_text(
-        args.data,
-        wikitext_source=args.wikitext,
-        text_field=args.text_field,
-        text_unit=args.text_unit,
-        max_documents=args.max_documents,
-    )
+    text = _load_text(args)
     length = args.length or ck.model.seq_length
     if length > ck.model.seq_length and ck.model.position_embedding == "learned_absolute":
         raise ConfigError(
             f"--length {length} exceeds the learned positions ({ck.model.seq_length})"
         )
-    stride = length if args.protocol == "segments" else (args.stride or max(1, length // 2))
-    if not 1 <= stride <= length:
-        raise ConfigError(f"--stride {stride} must be between 1 and the window length {length}")
+    stride = _stride(args, length)
 
     rank, tp = _init_parallel()
     model = build_model(ck, rank, tp)
     probe = HiddenStateProbe(model, args.skip_positions) if args.oversmoothing else None
     entropy = AttentionEntropyProbe(model, args.skip_positions) if args.attention_entropy else None
-    show = args.progress and rank == 0
-    clean = evaluate_text(
-        model,
-        ck.tokenizer,
-        text,
-        length=length,
-        stride=stride,
-        batch_size=args.batch_size,
-        probe=probe,
-        progress=show,
-    )
-    if probe is not None:
-        probe.remove()
-    if entropy is not None:
-        entropy.remove()
-    results = [{"swap_rate": 0.0, **clean}]
-    swap_logs = {}
-    for rate in args.swap_rates:
-        corrupted = swap_words(text, rate, args.swap_seed)
-        r = evaluate_text(
+
+    def evaluate(t, p):
+        return evaluate_text(
             model,
             ck.tokenizer,
-            corrupted,
+            t,
             length=length,
             stride=stride,
             batch_size=args.batch_size,
-            progress=show,
+            probe=p,
+            progress=args.progress and rank == 0,
         )
-        results.append({"swap_rate": rate, "swapped_words": len(corrupted.swaps), **r})
-        swap_logs[rate] = corrupted.swaps
-    return {
-        "checkpoint": str(ck.tag_dir),
-        "step": ck.step,
-        "model": {
+
+    results, swap_logs = _clean_and_swapped(text, args, evaluate=evaluate, probe=probe)
+    for hooks in (probe, entropy):
+        if hooks is not None:
+            hooks.remove()
+    return _report(
+        args,
+        text,
+        length=length,
+        stride=stride,
+        results=results,
+        swap_logs=swap_logs,
+        t0=t0,
+        checkpoint=str(ck.tag_dir),
+        step=ck.step,
+        model={
             "attention": ck.model.attention,
             "attention_layers": ck.model.attention_layers,
             "num_layers": ck.model.num_layers,
             "hidden_size": ck.model.hidden_size,
         },
-        "tokenizer_sha256": ck.tokenizer.sha256,
-        "data": {
-            "spec": args.data,
-            "documents": len(text.documents),
-            "words": text.words,
-            "bytes": text.bytes,
-            "lines": text.lines,
-        },
-        "protocol": {"name": args.protocol, "length": length, "stride": stride},
-        "tensor_parallel": tp,
-        **{k: clean[k] for k in ("token_ppl", "word_ppl", "bits_per_byte", "tokens", "words")},
-        "results": results,
-        "swap_seed": args.swap_seed,
-        "oversmoothing": (
+        tokenizer_sha256=ck.tokenizer.sha256,
+        tensor_parallel=tp,
+        oversmoothing=(
             {"skip_positions": args.skip_positions, "layers": probe.result()} if probe else None
         ),
-        "attention_entropy": (
+        attention_entropy=(
             {"skip_positions": args.skip_positions, **entropy.result()} if entropy else None
         ),
-        "elapsed_s": time.monotonic() - t0,
-        "_rank": rank,
-        "_swap_logs": swap_logs,
-    }
+        _rank=rank,
+    )
 
 
 def run_hf(args: argparse.Namespace) -> dict[str, Any]:
     """The evaluation of a Hugging Face export: same text, token ids, windows and metrics."""
-    from pretrain.evaluation.texts import load_text, swap_words
+    from pretrain.evaluation.hf import HFExport, hf_token_nll
 
     t0 = time.monotonic()
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
@@ -332,13 +309,7 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
     if args.attention_entropy:
         raise ConfigError("--attention-entropy needs a twicing-lm checkpoint, not --hf-model")
     hf = HFExport(args.hf_model, args.tokenizer)
-    text = load_text(
-        args.data,
-        wikitext_source=args.wikitext,
-        text_field=args.text_field,
-        text_unit=args.text_unit,
-        max_documents=args.max_documents,
-    )
+    text = _load_text(args)
     length = args.length or hf.seq_length
     if not length:
         raise ConfigError("--length is needed: the export records no training sequence length")
@@ -346,58 +317,46 @@ def run_hf(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(
             f"--length {length} exceeds the learned positions ({hf.config.n_positions})"
         )
-    stride = length if args.protocol == "segments" else (args.stride or max(1, length // 2))
-    if not 1 <= stride <= length:
-        raise ConfigError(f"--stride {stride} must be between 1 and the window length {length}")
+    stride = _stride(args, length)
     model = hf.load()
-    results, swap_logs = [], {}
-    for rate in [0.0, *args.swap_rates]:
-        corrupted = swap_words(text, rate, args.swap_seed) if rate else text
-        totals = evaluate_text(
+
+    def evaluate(t, _probe):
+        return evaluate_text(
             model,
             hf.tokenizer,
-            corrupted,
+            t,
             length=length,
             stride=stride,
             batch_size=args.batch_size,
             progress=args.progress,
             token_nll_fn=hf_token_nll(model),
         )
-        extra = {"swapped_words": len(corrupted.swaps)} if rate else {}
-        results.append({"swap_rate": rate, **extra, **totals})
-        if rate:
-            swap_logs[rate] = corrupted.swaps
-    clean = results[0]
+
+    results, swap_logs = _clean_and_swapped(text, args, evaluate=evaluate)
     model_meta = hf.meta.get("model", {})
-    return {
-        "checkpoint": str(hf.tag_dir),
-        "hf_model": hf.meta.get("architecture") or type(model).__name__,
-        "step": hf.step,
-        "model": {
+    return _report(
+        args,
+        text,
+        length=length,
+        stride=stride,
+        results=results,
+        swap_logs=swap_logs,
+        t0=t0,
+        checkpoint=str(hf.tag_dir),
+        hf_model=hf.meta.get("architecture") or type(model).__name__,
+        step=hf.step,
+        model={
             "attention": model_meta.get("attention", "softmax"),
             "attention_layers": model_meta.get("attention_layers"),
             "num_layers": hf.config.num_hidden_layers,
             "hidden_size": hf.config.hidden_size,
         },
-        "tokenizer_sha256": hf.tokenizer.sha256,
-        "data": {
-            "spec": args.data,
-            "documents": len(text.documents),
-            "words": text.words,
-            "bytes": text.bytes,
-            "lines": text.lines,
-        },
-        "protocol": {"name": args.protocol, "length": length, "stride": stride},
-        "tensor_parallel": 1,
-        **{k: clean[k] for k in ("token_ppl", "word_ppl", "bits_per_byte", "tokens", "words")},
-        "results": results,
-        "swap_seed": args.swap_seed,
-        "oversmoothing": None,
-        "attention_entropy": None,
-        "elapsed_s": time.monotonic() - t0,
-        "_rank": 0,
-        "_swap_logs": swap_logs,
-    }
+        tokenizer_sha256=hf.tokenizer.sha256,
+        tensor_parallel=1,
+        oversmoothing=None,
+        attention_entropy=None,
+        _rank=0,
+    )
 
 
 def _output_base(report: dict) -> Path:

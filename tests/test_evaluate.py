@@ -252,3 +252,6 @@ def test_clear_errors(tp2_run, tmp_path):
         [*EVAL[:2], "--checkpoint", str(tp2_run), "--data", f"blank={empty}"], 1, check=False
     )
     assert results[0][0] == 2 and "empty" in results[0][1], results[0][1][-1500:]
+
+    out = fails(["--hf-model", str(tmp_path / "hf"), "--attention-entropy"], 2)
+    assert "--attention-entropy" in out and "--hf-model" in out

@@ -220,8 +220,9 @@ def test_trained_run_exports_and_scores_the_same_perplexity(wikitext_manifest, t
 def test_gpt2_export_scores_the_same_nll(wikitext_manifest, tmp_path, one_rank):
     """GPT-2 style: the evaluation's scoring of the export (``hf_token_nll``, as ``--hf-model``
     runs it) equals the megatron model's on the same windows."""
-    from pretrain.evaluate import build_model, evaluate_text, hf_token_nll
+    from pretrain.evaluate import build_model, evaluate_text
     from pretrain.evaluation.checkpoints import open_checkpoint
+    from pretrain.evaluation.hf import hf_token_nll
     from pretrain.evaluation.texts import load_text
     from pretrain.export_hf import export
 

@@ -1,0 +1,60 @@
+"""Scoring a Hugging Face export (``pretrain.export_hf``) with the evaluation's protocol."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pretrain.checkpoint import CheckpointError
+
+
+def hf_token_nll(model):
+    """Per-token NLL ``[b, s]`` of a ``transformers`` causal LM (as megatron's with ``labels``)."""
+    import torch.nn.functional as F
+
+    def fn(tokens, positions, labels):
+        logits = model(input_ids=tokens, position_ids=positions).logits
+        return F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+
+    return fn
+
+
+class HFExport:
+    """A Hugging Face export as the evaluation needs it: tokenizer, config, model, metadata."""
+
+    def __init__(self, path: Path, tokenizer: str | None):
+        from data_prep.tokenizer import SentencePieceTokenizer, file_sha256
+        from pretrain.export_hf import METADATA
+
+        self.tag_dir = Path(path)
+        sp_model = self.tag_dir / "tokenizer.model"
+        if not (self.tag_dir / "config.json").is_file() or not sp_model.is_file():
+            raise CheckpointError(
+                f"{self.tag_dir} is not a Hugging Face export with a tokenizer.model "
+                "(python -m pretrain.export_hf writes one)"
+            )
+        meta_file = self.tag_dir / METADATA
+        self.meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if tokenizer is not None and file_sha256(tokenizer) != file_sha256(sp_model):
+            raise CheckpointError(
+                f"tokenizer {tokenizer} does not match the export's {sp_model}: token ids would "
+                "mean different things"
+            )
+        self.tokenizer = SentencePieceTokenizer(sp_model)
+        from transformers import AutoConfig
+
+        self.config = AutoConfig.from_pretrained(str(self.tag_dir), local_files_only=True)
+        self.step = self.meta.get("step")
+        self.seq_length = self.meta.get("model", {}).get("seq_length") or getattr(
+            self.config, "max_position_embeddings", None
+        )
+        self.learned_positions = self.config.model_type == "gpt2"
+
+    def load(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(
+            str(self.tag_dir), local_files_only=True, dtype=torch.float32
+        ).eval()
