@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from model.attention.core import CoreAttention
 
@@ -64,9 +65,14 @@ class AttentionEntropyProbe:
 
         return hook
 
-    def result(self, group=None) -> dict[str, list[float]]:
+    def result(self) -> dict[str, list[float]]:
         """Per-layer means (layer 1..L): ``entropy`` in nats and ``normalized`` in [0, 1]."""
         sums, counts = self.sums.clone(), self.counts.clone()
+        group = (
+            parallel_state.get_tensor_model_parallel_group()
+            if parallel_state.model_parallel_is_initialized()
+            else None
+        )
         if dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(sums, group=group)
             dist.all_reduce(counts, group=group)
