@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model.attention import attend, twicing_attention  # noqa: E402
+from model.attention.backend import attend  # noqa: E402
+from model.attention.twicing import twicing_attention  # noqa: E402
 
 from _timing import interleaved, saved_activation_bytes, with_malloc_tuning  # noqa: E402
 

@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import ModelConfig
-from model.attention import attend, twicing_attention
+from model.attention.backend import attend
+from model.attention.twicing import twicing_attention
 
 
 class Block(nn.Module):

@@ -1,14 +1,21 @@
-"""twicing-lm model: megatron-core GPT with pluggable (Twicing) core attention."""
+"""twicing-lm model: megatron-core GPT with pluggable (Twicing) core attention.
 
-import warnings
+``ModelConfig`` imports nothing heavy; ``build_gpt`` / ``transformer_config`` load megatron-core
+on first use.
+"""
 
-# megatron-core announces at import that the optional CUDA extensions (Apex, Transformer Engine)
-# are absent; the torch fallbacks it then uses are exactly what this project runs.
-warnings.filterwarnings(
-    "ignore", message=r".*(Apex|Transformer Engine)( and Apex)? (is|are) not installed"
-)
+from __future__ import annotations
 
-from model.config import ModelConfig  # noqa: E402
-from model.gpt import build_gpt, transformer_config  # noqa: E402
+from typing import Any
+
+from model.config import ModelConfig
 
 __all__ = ["ModelConfig", "build_gpt", "transformer_config"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("build_gpt", "transformer_config"):
+        from model import gpt
+
+        return getattr(gpt, name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from model.attention import CORE_ATTENTION, select_layers
-from model.attention.backend import BACKENDS
+from model.attention.layer_selection import select_layers
+from model.attention.registry import BACKENDS, VARIANTS
 from model.strict_config import ConfigError, check
 
 
@@ -58,9 +58,9 @@ class ModelConfig:
             f"{groups} does not divide num_attention_heads={self.num_attention_heads}",
         )
         check(
-            self.attention in CORE_ATTENTION,
+            self.attention in VARIANTS,
             "model.attention",
-            f"unknown attention variant {self.attention!r}; known: {sorted(CORE_ATTENTION)}",
+            f"unknown attention variant {self.attention!r}; known: {sorted(VARIANTS)}",
         )
         check(self.attention_backend in BACKENDS, "model.attention_backend", "unknown backend")
         for key in ("attention_dropout", "hidden_dropout"):
@@ -70,7 +70,7 @@ class ModelConfig:
             layers = select_layers(self.attention_layers, self.num_layers)
         except ValueError as e:
             raise ConfigError(f"config key 'model.attention_layers': {e}") from None
-        variant = CORE_ATTENTION[self.attention]
+        variant = VARIANTS[self.attention]
         try:
             self.attention_options = variant.check_options(self.attention_options)
         except ValueError as e:
@@ -91,7 +91,7 @@ class ModelConfig:
         if self.attention_dropout > 0:
             for i in layers:
                 check(
-                    CORE_ATTENTION[self.attention].supports_dropout,
+                    VARIANTS[self.attention].supports_dropout,
                     "model.attention_dropout",
                     f"{self.attention} attention (layer {i}) needs attention_dropout == 0, got "
                     f"{self.attention_dropout}: its two passes would draw different dropout masks",
@@ -117,13 +117,13 @@ class ModelConfig:
         """Attention variant of 0-based layer ``index`` (layer 0 is plain softmax for variants
         that mix the first layer's values into the others)."""
         chosen = select_layers(self.attention_layers, self.num_layers)
-        if index == 0 and CORE_ATTENTION[self.attention].uses_first_values:
+        if index == 0 and VARIANTS[self.attention].uses_first_values:
             return "softmax"
         return self.attention if index in chosen else "softmax"
 
     @property
     def uses_first_values(self) -> bool:
-        return CORE_ATTENTION[self.attention].uses_first_values
+        return VARIANTS[self.attention].uses_first_values
 
     def check_tensor_parallel(self, tp: int) -> None:
         """Raise ``ConfigError`` unless heads and query groups split evenly over ``tp`` ranks."""

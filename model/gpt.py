@@ -9,7 +9,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from model import cpu_compat
-from model.attention import FirstLayerValues
+from model.attention.first_values import FirstLayerValues
 from model.config import ModelConfig
 from model.spec import block_spec
 

@@ -13,7 +13,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from model.attention import CORE_ATTENTION, FirstLayerValues
+from model.attention.first_values import FirstLayerValues
+from model.attention.registry import core_attention_class
 from model.config import ModelConfig
 from model.norm import Norm
 
@@ -47,7 +48,7 @@ def layer_spec(
     if variant == cfg.attention:
         params["options"] = cfg.attention_options
     sub.self_attention.submodules.core_attention = ModuleSpec(
-        module=CORE_ATTENTION[variant], params=params
+        module=core_attention_class(variant), params=params
     )
     sub.input_layernorm = Norm
     sub.pre_mlp_layernorm = Norm

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from model import ModelConfig
+from model.attention.registry import variant
 
 #: dense bf16 peak TFLOP/s per device, for MFU when the device is recognised
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -12,7 +13,7 @@ def flops_per_token(cfg: ModelConfig) -> float:
     """Training FLOPs per token: 3 × forward, recompute not counted (model FLOPs).
 
     Forward per layer: 2 × (matmul weights) plus attention scores and weighted sum over on average
-    ``seq/2`` keys (causal), doubled in twicing layers (two attention passes).
+    ``seq/2`` keys (causal), times the variant's ``attention_passes`` (twicing: 2).
     """
     h, s = cfg.hidden_size, cfg.seq_length
     kv = cfg.query_groups * cfg.head_dim
@@ -21,7 +22,7 @@ def flops_per_token(cfg: ModelConfig) -> float:
     layer_weights = h * (h + 2 * kv) + h * h + h * fc1 + ffn * h
     forward = 2 * cfg.num_layers * layer_weights + 2 * h * cfg.padded_vocab_size
     for i in range(cfg.num_layers):
-        passes = 2 if cfg.variant_of_layer(i) == "twicing" else 1
+        passes = variant(cfg.variant_of_layer(i)).attention_passes
         forward += passes * 2 * 2 * (s / 2) * h  # QKᵀ and A·V, causal half
     return 3.0 * forward
 

@@ -10,8 +10,9 @@ import torch
 
 from model import ModelConfig, build_gpt
 from model.attention.backend import repeat_kv
-from model.attention.core import SoftmaxCoreAttention, TwicingCoreAttention
 from model.attention.neural import NeuralCoreAttention
+from model.attention.softmax import SoftmaxCoreAttention
+from model.attention.twicing import TwicingCoreAttention
 from pretrain.evaluation.attention_entropy import AttentionEntropyProbe, causal_entropy
 
 SEED = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh inputs each run; printed on failure

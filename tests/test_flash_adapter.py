@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.attention import attend, flash_available, twicing_attention
-from model.attention.backend import resolve_backend
+from model.attention.backend import attend, flash_available, resolve_backend
+from model.attention.twicing import twicing_attention
 
 needs_flash = pytest.mark.skipif(
     not flash_available(), reason="needs CUDA and the flash-attn package (pip install '.[flash]')"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from model import ModelConfig, build_gpt
-from model.attention import SoftmaxCoreAttention, TwicingCoreAttention, select_layers
+from model.attention.layer_selection import select_layers
+from model.attention.softmax import SoftmaxCoreAttention
+from model.attention.twicing import TwicingCoreAttention
 from model.strict_config import ConfigError, from_dict
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.attention import attend, twicing_attention
+from model.attention.backend import attend
+from model.attention.twicing import twicing_attention
 
 # fresh random inputs each run; the seed is printed on failure for reproduction
 SEED = torch.seed()

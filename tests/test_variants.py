@@ -9,12 +9,8 @@ import pytest
 import torch
 
 from model import ModelConfig, build_gpt
-from model.attention.variants import (
-    NeuralScorer,
-    neural_attention,
-    neutreno_attention,
-    value_residual_attention,
-)
+from model.attention.neural import NeuralScorer, neural_attention
+from model.attention.value_residual import neutreno_attention, value_residual_attention
 from model.strict_config import ConfigError
 
 SEED = torch.seed()

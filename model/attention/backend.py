@@ -8,13 +8,11 @@ fewer heads than ``q`` (grouped-query attention); query head ``h`` reads key/val
 from __future__ import annotations
 
 import importlib.util
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-Backend = Literal["auto", "flash", "sdpa"]
-BACKENDS: tuple[str, ...] = ("auto", "flash", "sdpa")
+from model.attention.registry import BACKENDS, Backend  # names: torch-free, in the registry
 
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 

@@ -1,4 +1,8 @@
-"""Neural Attention as a megatron-core core attention: pairwise-MLP scores per head.
+"""Neural Attention (arXiv 2502.17206): pairwise-MLP scores per head, its math and its module.
+
+Per head, queries and keys are projected to ``d′`` and each pair ``[q′_i; k′_j]`` is scored by an
+MLP ``2d′ → d′ → d′/2 → 1`` (ReLU), causal mask, softmax, ``·V``; no ``1/√d``. It materialises
+``[b, h, s, s, d′]``: O(n²·d′) memory, no flash kernel.
 
 Its weights are per head (``[heads, ...]``), so tensor parallelism splits them with the heads
 (``partition_dim=0``) and no TP communication is needed. They are drawn for all heads from the
@@ -8,12 +12,55 @@ few layers (the reference: layer 0 only).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-from model.attention.core import CoreAttention
-from model.attention.variants import NeuralScorer, neural_attention, neural_scores
+from model.attention.backend import repeat_kv
+from model.attention.base import CoreAttention
+
+
+@dataclass
+class NeuralScorer:
+    """Per-head weights of Neural Attention's pairwise scorer (``h`` = heads of this rank)."""
+
+    wq: torch.Tensor  # [h, d, d′]
+    wk: torch.Tensor  # [h, d, d′]
+    w1q: torch.Tensor  # [h, d′, d′]  (first MLP layer, query half of its 2d′ inputs)
+    w1k: torch.Tensor  # [h, d′, d′]  (key half)
+    b1: torch.Tensor  # [h, d′]
+    w2: torch.Tensor  # [h, d′, d′/2]
+    b2: torch.Tensor  # [h, d′/2]
+    w3: torch.Tensor  # [h, d′/2]  (the last layer's bias adds a constant to every score of a
+    #                                 row, which softmax cancels: it is left out)
+
+
+def neural_scores(q, k, w: NeuralScorer) -> torch.Tensor:
+    """Unmasked pairwise-MLP scores ``[b, h, s_q, s_k]`` (the softmax's input)."""
+    k = repeat_kv(k, q.size(2))
+    qp = torch.einsum("bshd,hde->bhse", q, w.wq)  # [b, h, s, d′]
+    kp = torch.einsum("bshd,hde->bhse", k, w.wk)
+    a = torch.einsum("bhse,hef->bhsf", qp, w.w1q)  # query half of the first MLP layer
+    c = torch.einsum("bhse,hef->bhsf", kp, w.w1k)  # key half
+    hidden = F.relu(a.unsqueeze(3) + c.unsqueeze(2) + w.b1[None, :, None, None, :])  # [b,h,s,s,d′]
+    hidden = F.relu(torch.einsum("bhijf,hfg->bhijg", hidden, w.w2) + w.b2[None, :, None, None, :])
+    return torch.einsum("bhijg,hg->bhij", hidden, w.w3)
+
+
+def neural_attention(q, k, v, w: NeuralScorer, *, causal: bool = True):
+    """Pairwise-MLP attention scores, softmax, ``·V`` (no flash kernel, no ``1/√d``)."""
+    v = repeat_kv(v, q.size(2))
+    scores = neural_scores(q, k, w)
+    if causal:
+        s = q.size(1)
+        mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    probs = scores.float().softmax(dim=-1).to(v.dtype)
+    return torch.einsum("bhij,bjhd->bihd", probs, v)
+
 
 _SHAPES = {  # name -> shape after the head dimension, in terms of (d, d′)
     "wq": lambda d, e: (d, e),
@@ -27,12 +74,8 @@ _SHAPES = {  # name -> shape after the head dimension, in terms of (d, d′)
 }
 
 
-class NeuralCoreAttention(CoreAttention):
+class NeuralCoreAttention(CoreAttention, name="neural"):
     """Scores ``MLP([W_q q_i; W_k k_j])`` (ReLU, 2d′ → d′ → d′/2 → 1), causal softmax, ``·V``."""
-
-    supports_dropout = False
-    supports_flash = False
-    OPTIONS = {"dim": 0.0}  # d′; 0 means max(2, head_dim // 32)
 
     def __init__(self, config, layer_number, attn_mask_type, *args, **kwargs):
         super().__init__(config, layer_number, attn_mask_type, *args, **kwargs)
@@ -57,16 +100,6 @@ class NeuralCoreAttention(CoreAttention):
             )
             set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
             self.register_parameter(name, param)
-
-    @classmethod
-    def check_options(cls, options):
-        out = super().check_options(options)
-        dim = out["dim"]
-        if dim and (dim != int(dim) or dim < 2 or int(dim) % 2):
-            raise ValueError(
-                f"neural attention option 'dim' (d′) must be an even integer >= 2, got {dim}"
-            )
-        return out
 
     def _scorer(self) -> NeuralScorer:
         return NeuralScorer(**{name: getattr(self, name) for name in _SHAPES})

@@ -13,6 +13,7 @@ import torch
 
 from model.attention import backend as kernels
 from model.attention.backend import Backend, attend, repeat_kv
+from model.attention.base import CoreAttention
 
 
 def twicing_attention(
@@ -71,3 +72,12 @@ class _TwoPassCPU(torch.autograd.Function):
             b, _, s, d = dk2.shape
             dk2 = dk2.view(b, groups, heads // groups, s, d).sum(2)
         return dq.sub_(dq2), dk.sub_(dk2), dv, None, None
+
+
+class TwicingCoreAttention(CoreAttention, name="twicing"):
+    """Twicing attention ``(2A − A²)V`` as two passes of the same kernel (no dropout)."""
+
+    def attention(self, q, k, v, causal, *extra):
+        return twicing_attention(
+            q, k, v, causal=causal, softmax_scale=self.softmax_scale, backend=self.backend
+        )

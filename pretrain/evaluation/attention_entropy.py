@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from model.attention.core import CoreAttention
+from model.attention.base import CoreAttention
 
 
 def causal_entropy(logits: torch.Tensor, skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""megatron-core core-attention modules: the contract adapter around the attention math.
+"""The megatron-core core-attention contract, shared by every variant's module.
 
 megatron-core's ``SelfAttention`` builds ``core_attention`` from a ``ModuleSpec`` and calls it with
 this rank's heads as ``[seq, batch, heads_per_partition, head_dim]``. Heads are already split
@@ -18,9 +18,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from model.attention.backend import Backend, attend, repeat_kv
+from model.attention.backend import Backend, repeat_kv
 from model.attention.first_values import FirstLayerValues
-from model.attention.twicing import twicing_attention
+from model.attention.registry import AttentionVariant, variant
 
 _CAUSAL = {AttnMaskType.causal: True, AttnMaskType.no_mask: False}
 
@@ -31,17 +31,16 @@ class CoreAttention(MegatronModule):
     Args (beyond megatron's): ``backend`` picks the kernel (``auto``/``flash``/``sdpa``);
     ``recompute`` re-runs this module in backward instead of storing its activations;
     ``first_values`` is the model's shared holder of layer 0's values (layer 0 fills it);
-    ``options`` are the variant's numeric knobs (see ``OPTIONS``).
+    ``options`` are the variant's numeric knobs (see the registry's ``options``).
     """
 
-    #: whether this variant tolerates attention dropout (multi-pass variants do not)
-    supports_dropout: ClassVar[bool] = True
-    #: whether it can run on the flash kernel
-    supports_flash: ClassVar[bool] = True
-    #: whether its layers read layer 0's values (so layer 0 itself is not one of them)
-    uses_first_values: ClassVar[bool] = False
-    #: option name -> default value
-    OPTIONS: ClassVar[dict[str, float]] = {}
+    #: the registry entry of this variant (capabilities, options, attention passes)
+    VARIANT: ClassVar[AttentionVariant]
+
+    def __init_subclass__(cls, name: str | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            cls.VARIANT = variant(name)
 
     def __init__(
         self,
@@ -67,26 +66,17 @@ class CoreAttention(MegatronModule):
         self.backend: Backend = backend
         self.recompute = recompute
         self.first_values = first_values
-        self.options = {**self.OPTIONS, **(options or {})}
+        self.options = self.VARIANT.check_options(options or {})
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        if self.dropout and not self.supports_dropout:
+        if self.dropout and not self.VARIANT.supports_dropout:
             raise ValueError(
                 f"{type(self).__name__} (layer {layer_number}) needs attention_dropout == 0, got "
                 f"{self.dropout}: its attention passes would draw different dropout masks"
             )
-        if self.uses_first_values and first_values is None:
+        if self.VARIANT.uses_first_values and first_values is None:
             raise ValueError(f"{type(self).__name__} needs the model's FirstLayerValues holder")
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1 / math.sqrt(head_dim)
-
-    @classmethod
-    def check_options(cls, options: dict[str, float]) -> dict[str, float]:
-        """Validated options (defaults filled in); raise ``ValueError`` naming a bad one."""
-        unknown = sorted(set(options) - set(cls.OPTIONS))
-        if unknown:
-            known = ", ".join(cls.OPTIONS) or "none"
-            raise ValueError(f"unknown option {unknown[0]!r} for {cls.__name__} (known: {known})")
-        return {**cls.OPTIONS, **options}
 
     @property
     def is_first_layer(self) -> bool:
@@ -143,29 +133,3 @@ class CoreAttention(MegatronModule):
             out = self.attention(q, k, v, causal, *extra)
         s, b = query.size(0), query.size(1)
         return out.transpose(0, 1).reshape(s, b, -1)
-
-
-class SoftmaxCoreAttention(CoreAttention):
-    """Standard scaled-dot-product attention ``softmax(QKᵀ·scale + mask)V``."""
-
-    def attention(self, q, k, v, causal, *extra):
-        return attend(
-            q,
-            k,
-            v,
-            causal=causal,
-            scale=self.softmax_scale,
-            backend=self.backend,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-
-
-class TwicingCoreAttention(CoreAttention):
-    """Twicing attention ``(2A − A²)V`` as two passes of the same kernel."""
-
-    supports_dropout = False
-
-    def attention(self, q, k, v, causal, *extra):
-        return twicing_attention(
-            q, k, v, causal=causal, softmax_scale=self.softmax_scale, backend=self.backend
-        )
