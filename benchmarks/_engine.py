@@ -26,8 +26,8 @@ def init_once(tensor_parallel: int = 1) -> None:
             WORLD_SIZE="1",
             LOCAL_RANK="0",
         )
-    from pretrain.distributed import init
-    from pretrain.launch_env import launch_env
+    from pretrain.parallel.distributed import init
+    from pretrain.parallel.launch_env import launch_env
 
     init(launch_env(), tensor_parallel, 10)
     _ready = True
@@ -38,7 +38,7 @@ def config(overrides: list[str]) -> TrainConfig:
 
 
 def engine_for(cfg: TrainConfig, seed: int = 0):
-    from pretrain.engine import build_engine
+    from pretrain.parallel.engine import build_engine
 
     torch.manual_seed(seed)
     return build_engine(cfg, int(os.environ.get("WORLD_SIZE", "1"))).engine
@@ -60,8 +60,8 @@ def train_step(engine, cfg: TrainConfig, batch) -> float:
     """One optimizer step as the trainer does it (GA = 1)."""
     from megatron.core import parallel_state
 
-    from pretrain.engine import lm_loss
-    from pretrain.optimizer import zero0_prepare_step
+    from pretrain.parallel.engine import lm_loss
+    from pretrain.parallel.optimizer import zero0_prepare_step
 
     loss = lm_loss(engine, *batch)
     engine.backward(loss)

@@ -52,8 +52,8 @@ def main() -> int:
     engine = engine_for(cfg)
     train_step(engine, cfg, synthetic_batch(cfg))  # populate optimizer state
 
-    from pretrain import rng
-    from pretrain.checkpoint import CheckpointManager
+    from pretrain.checkpoint.manager import CheckpointManager
+    from pretrain.parallel import rng
 
     work = Path(tempfile.mkdtemp(prefix="twicing-ckpt-bench-"))
     manager = CheckpointManager(work / "ours", keep_last=1)

@@ -41,9 +41,9 @@ def main() -> int:
         MASTER_ADDR="127.0.0.1", MASTER_PORT="29577", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
     )
     from pretrain.config import TrainConfig, load_config
-    from pretrain.distributed import init
-    from pretrain.engine import build_engine, lm_loss
-    from pretrain.launch_env import launch_env
+    from pretrain.parallel.distributed import init
+    from pretrain.parallel.engine import build_engine, lm_loss
+    from pretrain.parallel.launch_env import launch_env
 
     overrides = [
         "run_dir=/tmp/unused",
@@ -69,7 +69,7 @@ def main() -> int:
     engine = build_engine(cfg, 1).engine
     from megatron.core import parallel_state
 
-    from pretrain.optimizer import zero0_prepare_step
+    from pretrain.parallel.optimizer import zero0_prepare_step
 
     tp_group = parallel_state.get_tensor_model_parallel_group()
     torch.manual_seed(0)

@@ -12,11 +12,11 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union
 
+from pretrain.errors import ConfigError
+
 T = TypeVar("T")
 
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names it."""
+__all__ = ["ConfigError", "check", "from_dict", "to_dict"]
 
 
 def _type_name(tp: Any) -> str:

@@ -14,7 +14,8 @@ from typing import Any, Literal
 import yaml
 
 from model import ModelConfig
-from model.strict_config import ConfigError, check, from_dict, to_dict
+from model.strict_config import check, from_dict, to_dict
+from pretrain.errors import ConfigError
 
 
 @dataclass

@@ -1,17 +1,17 @@
 """Entry point: ``python -m pretrain.train --config configs/<preset>.yaml [dotted.key=value ...]``.
 
-Launch with ``torchrun``, ``srun`` (one task per device) or the ``deepspeed`` launcher. Exit codes:
-0 finished, 75 stopped early with a complete checkpoint (signal / ``training.exit_at_step``: resume
-by running the same command again), 2 bad configuration, 3 non-finite loss under ``halt``,
-4 unusable checkpoint, 1 anything else.
+Launch with ``torchrun``, ``srun`` (one task per device) or the ``deepspeed`` launcher. Exit codes
+(``pretrain.errors.ExitCode``): 0 finished, 75 stopped early with a complete checkpoint (signal /
+``training.exit_at_step``: resume by running the same command again), 2 bad configuration,
+3 non-finite loss under ``halt``, 4 unusable checkpoint, 1 anything else.
 """
 
 from __future__ import annotations
 
-from pretrain.signals import EXIT_NONFINITE, StopRequest
+from pretrain.training.signals import StopRequest
 
-#: Installed before the heavy imports below when run as a program: Slurm signals every process
-#: of a step, so a stop that arrives during start-up is remembered instead of killing the rank.
+#: Installed before anything heavy is imported when run as a program: Slurm signals every
+#: process of a step, so a stop that arrives during start-up is remembered instead of killing it.
 STOP = StopRequest()
 if __name__ == "__main__":
     STOP.install()
@@ -19,17 +19,11 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
-import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import yaml  # noqa: E402
-
-from model.strict_config import ConfigError  # noqa: E402
-from pretrain.checkpoint import CheckpointError  # noqa: E402
+from pretrain.cli import run_cli  # noqa: E402
 from pretrain.config import TrainConfig, load_config  # noqa: E402
-from pretrain.launch_env import launch_env  # noqa: E402
-
-EXIT_ERROR, EXIT_CONFIG, EXIT_CHECKPOINT = 1, 2, 4
+from pretrain.errors import ExitCode  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def prepare(cfg: TrainConfig):
     """Everything that can fail on bad input, before any process-group work."""
-    from pretrain.data import load_data
+    from pretrain.parallel.launch_env import launch_env
+    from pretrain.training.data import load_data
 
     env = launch_env()
     cfg.data_parallel_size(env.world_size)
@@ -61,43 +56,37 @@ def prepare(cfg: TrainConfig):
     return env, tokenizer, blend
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            return 0
-        env, tokenizer, blend = prepare(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+def train(cfg: TrainConfig, env, tokenizer, blend) -> int:
+    """Run (or resume) the job on this rank; returns its exit code."""
+    import yaml
 
-    from pretrain.trainer import NonFiniteError, Trainer
+    from pretrain.training.trainer import Trainer
 
     if env.rank == 0:
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     trainer = Trainer(cfg, env, tokenizer, blend, stop=STOP)
-    try:
-        trainer.setup()
-        code = trainer.run()
-    except NonFiniteError as e:
-        print(f"[rank {env.rank}] halted: {e}", file=sys.stderr, flush=True)
-        return EXIT_NONFINITE
-    except CheckpointError as e:
-        print(f"[rank {env.rank}] checkpoint error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CHECKPOINT
-    except ConfigError as e:
-        print(f"[rank {env.rank}] config error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
-    except Exception:
-        traceback.print_exc()
-        print(f"[rank {env.rank}] failed", file=sys.stderr, flush=True)
-        return EXIT_ERROR
+    trainer.setup()
+    code = trainer.run()
     trainer.close()
     return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def body() -> int:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return ExitCode.OK
+        return train(cfg, *prepare(cfg))
+
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
+    return run_cli("train", body, prefix=f"[rank {rank}] " if rank is not None else "")
 
 
 if __name__ == "__main__":
@@ -105,4 +94,6 @@ if __name__ == "__main__":
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip interpreter teardown after failures: a dead peer can block process-group destructors.
-    os._exit(status) if status not in (0, 75) else sys.exit(status)
+    if status in (ExitCode.OK, ExitCode.RESUMABLE):
+        sys.exit(status)
+    os._exit(status)

@@ -43,8 +43,8 @@ def sharded_logits_worker(checkpoint: str, out: str) -> None:
     dist.init_process_group("gloo")
     tp = dist.get_world_size()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    from pretrain.evaluate import build_model
-    from pretrain.evaluation.checkpoints import open_checkpoint
+    from pretrain.checkpoint.reader import open_checkpoint
+    from pretrain.evaluation.driver import build_model
 
     ck = open_checkpoint(checkpoint)
     assert ck.tensor_parallel == tp and ck.zero_stage < 3  # its own shards, read as saved
@@ -103,7 +103,7 @@ def consolidated(tp2_run):
 
 
 def test_consolidated_file_is_self_contained(tp2_run, consolidated):
-    from pretrain.checkpoint import read_state
+    from pretrain.checkpoint.layout import read_state
 
     payload = torch.load(consolidated, map_location="cpu", weights_only=True)
     tag_dir = tp2_run / "checkpoints/step_00000003"
@@ -124,8 +124,8 @@ def test_consolidated_file_is_self_contained(tp2_run, consolidated):
 def test_consolidated_weights_give_the_sharded_models_logits(
     tp2_run, consolidated, tmp_path, one_rank
 ):
-    from pretrain.evaluate import build_model
-    from pretrain.evaluation.checkpoints import open_checkpoint
+    from pretrain.checkpoint.reader import open_checkpoint
+    from pretrain.evaluation.driver import build_model
 
     out = tmp_path / "sharded.pt"
     run([str(Path(__file__)), str(tp2_run / "checkpoints/step_00000003"), str(out)], 2)
@@ -159,8 +159,9 @@ def test_evaluation_of_the_file_matches_the_checkpoint(tp2_run, consolidated, tm
 
 
 def test_bf16_file_and_errors(tp2_run, tmp_path):
-    from pretrain.consolidate import consolidate, load, main
-    from pretrain.evaluation.checkpoints import full_state_dict, open_checkpoint
+    from pretrain.checkpoint.consolidated import load
+    from pretrain.checkpoint.reader import full_state_dict, open_checkpoint
+    from pretrain.consolidate import consolidate, main
 
     ck = open_checkpoint(tp2_run)
     out = consolidate(ck, tmp_path / "bf16.pt", dtype="bf16")

@@ -43,8 +43,8 @@ def tp2_run(wikitext_manifest, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eval_model(tp2_run, one_rank):
-    from pretrain.evaluate import build_model
-    from pretrain.evaluation.checkpoints import open_checkpoint
+    from pretrain.checkpoint.reader import open_checkpoint
+    from pretrain.evaluation.driver import build_model
 
     ck = open_checkpoint(tp2_run)
     return ck, build_model(ck, rank=0, tp=1)
@@ -74,7 +74,7 @@ def reference_nll(model, stream: list[int], length: int, stride: int) -> tuple[f
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["segments", "sliding"])
 def test_perplexity_matches_an_independent_cross_entropy_loop(eval_model, protocol):
-    from pretrain.evaluate import token_nll
+    from pretrain.evaluation.driver import token_nll
     from pretrain.evaluation.perplexity import score
     from pretrain.evaluation.texts import load_text
 
@@ -109,7 +109,7 @@ def test_sliding_window_with_stride_equal_to_length_is_the_segment_protocol():
 
 @pytest.mark.slow
 def test_word_level_normalisation_on_a_hand_checked_text(eval_model):
-    from pretrain.evaluate import evaluate_text
+    from pretrain.evaluation.driver import evaluate_text
     from pretrain.evaluation.texts import EvalText
 
     ck, model = eval_model

@@ -57,8 +57,8 @@ def synthetic_checkpoint(tmp_path: Path, manifest: Path, name: str, **overrides)
     from model import ModelConfig, build_gpt
     from model.strict_config import to_dict
     from model.tp_layout import layout_of
+    from pretrain.checkpoint.reader import Checkpoint
     from pretrain.consolidate import consolidate
-    from pretrain.evaluation.checkpoints import Checkpoint
 
     cfg = ModelConfig(**{**BASE, **overrides})
     torch.manual_seed(0)
@@ -87,7 +87,7 @@ def synthetic_checkpoint(tmp_path: Path, manifest: Path, name: str, **overrides)
 
 
 def our_logits(ck, x: torch.Tensor) -> torch.Tensor:
-    from pretrain.evaluate import build_model
+    from pretrain.evaluation.driver import build_model
 
     model = build_model(ck, 0, 1)
     with torch.no_grad():
@@ -102,8 +102,8 @@ def hf_logits(out: Path, x: torch.Tensor):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_exported_model_gives_our_logits(variant, wikitext_manifest, tmp_path, one_rank):
-    from pretrain.evaluation.checkpoints import open_checkpoint
-    from pretrain.export_hf import export
+    from pretrain.checkpoint.reader import open_checkpoint
+    from pretrain.export.hf import export
 
     path = synthetic_checkpoint(tmp_path, wikitext_manifest, variant, **VARIANTS[variant])
     ck = open_checkpoint(path)
@@ -123,8 +123,8 @@ def test_exported_model_gives_our_logits(variant, wikitext_manifest, tmp_path, o
 
 
 def test_bf16_export(wikitext_manifest, tmp_path, one_rank):
-    from pretrain.evaluation.checkpoints import open_checkpoint
-    from pretrain.export_hf import export
+    from pretrain.checkpoint.reader import open_checkpoint
+    from pretrain.export.hf import export
 
     path = synthetic_checkpoint(tmp_path, wikitext_manifest, "bf16", **VARIANTS["llama"])
     export(open_checkpoint(path), tmp_path / "hf", dtype="bf16")
@@ -220,11 +220,11 @@ def test_trained_run_exports_and_scores_the_same_perplexity(wikitext_manifest, t
 def test_gpt2_export_scores_the_same_nll(wikitext_manifest, tmp_path, one_rank):
     """GPT-2 style: the evaluation's scoring of the export (``hf_token_nll``, as ``--hf-model``
     runs it) equals the megatron model's on the same windows."""
-    from pretrain.evaluate import build_model, evaluate_text
-    from pretrain.evaluation.checkpoints import open_checkpoint
+    from pretrain.checkpoint.reader import open_checkpoint
+    from pretrain.evaluation.driver import build_model, evaluate_text
     from pretrain.evaluation.hf import hf_token_nll
     from pretrain.evaluation.texts import load_text
-    from pretrain.export_hf import export
+    from pretrain.export.hf import export
 
     path = synthetic_checkpoint(tmp_path, wikitext_manifest, "g", **VARIANTS["gpt2-nobias-gqa"])
     ck = open_checkpoint(path)

@@ -8,7 +8,8 @@ from model import ModelConfig, build_gpt
 from model.attention.layer_selection import select_layers
 from model.attention.softmax import SoftmaxCoreAttention
 from model.attention.twicing import TwicingCoreAttention
-from model.strict_config import ConfigError, from_dict
+from model.strict_config import from_dict
+from pretrain.errors import ConfigError
 
 
 @pytest.mark.parametrize(

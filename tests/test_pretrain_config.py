@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from model.strict_config import ConfigError
 from pretrain.config import load_config
-from pretrain.ds_config import deepspeed_config
-from pretrain.lr_schedule import lr_at
+from pretrain.errors import ConfigError
+from pretrain.parallel.ds_config import deepspeed_config
+from pretrain.training.lr_schedule import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -65,7 +65,7 @@ def from_step3(original: Path, run_dir: Path) -> Path:
 
 
 def full_weights(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    from pretrain.evaluation.checkpoints import full_state_dict, open_checkpoint
+    from pretrain.checkpoint.reader import full_state_dict, open_checkpoint
 
     return full_state_dict(open_checkpoint(run_dir, tag))
 
@@ -162,8 +162,9 @@ def test_universal_conversion_holds_the_tp1_weights(originals):
     """The converter's fp32 tensors are the TP=1 merge of the shards (stride-2 SwiGLU and
     grouped QKV included), its Adam moments have the full shapes, and a second conversion of
     the same checkpoint is reused, not redone."""
-    from pretrain.evaluation.checkpoints import full_state_dict, open_checkpoint
-    from pretrain.universal import SOURCE, convert, main
+    from pretrain.checkpoint.reader import full_state_dict, open_checkpoint
+    from pretrain.checkpoint.reshard import SOURCE, convert
+    from pretrain.universal import main
 
     ck = open_checkpoint(originals[2], "step_00000003")
     assert main([str(originals[2]), "--tag", "step_00000003"]) == 0  # the offline command
@@ -185,8 +186,8 @@ def test_universal_conversion_holds_the_tp1_weights(originals):
 def test_universal_info_patterns():
     import re
 
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.universal import AVERAGE, ROW_PARALLEL, TWO_SUB_PARAMS, universal_info
+    from pretrain.checkpoint.reshard import AVERAGE, ROW_PARALLEL, TWO_SUB_PARAMS, universal_info
+    from pretrain.errors import CheckpointError
 
     layout = {
         "embedding.word_embeddings.weight": {"dim": 0, "stride": 1},
@@ -239,8 +240,8 @@ def test_universal_info_patterns():
     ],
 )
 def test_supported_layouts(saved, here, expected):
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.universal import check_supported
+    from pretrain.checkpoint.reshard import check_supported
+    from pretrain.errors import CheckpointError
 
     def topo(t):
         return {"tensor": t[0], "data": t[1], "zero_stage": t[2]}

@@ -11,7 +11,7 @@ import torch
 from model import ModelConfig, build_gpt
 from model.attention.neural import NeuralScorer, neural_attention
 from model.attention.value_residual import neutreno_attention, value_residual_attention
-from model.strict_config import ConfigError
+from pretrain.errors import ConfigError
 
 SEED = torch.seed()
 

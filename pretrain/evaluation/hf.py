@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import CheckpointError
+from pretrain.errors import CheckpointError
 
 
 def hf_token_nll(model):
@@ -26,7 +26,7 @@ class HFExport:
 
     def __init__(self, path: Path, tokenizer: str | None):
         from data_prep.tokenizer import SentencePieceTokenizer, file_sha256
-        from pretrain.export_hf import METADATA
+        from pretrain.export.hf import METADATA
 
         self.tag_dir = Path(path)
         sp_model = self.tag_dir / "tokenizer.model"

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from data_prep.errors import DataPrepError
-from model.strict_config import ConfigError
+from pretrain.errors import ConfigError
 
 _WORDS = re.compile(r"(\s+)")
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from pretrain.launch_env import LaunchEnv
+from pretrain.parallel.launch_env import LaunchEnv
 
 
 def backend() -> str:

@@ -21,14 +21,14 @@ from data_prep.tokenizer import SentencePieceTokenizer, file_sha256
 from model import ModelConfig
 from model.strict_config import from_dict
 from model.tp_layout import Split, merge, shard
-from pretrain.checkpoint import (
+from pretrain.checkpoint.layout import (
     MARKER,
     TOKENIZER_FILE,
-    CheckpointError,
     latest_complete,
     read_state,
     verify_files,
 )
+from pretrain.errors import CheckpointError
 
 
 @dataclass
@@ -122,7 +122,7 @@ def _check_tokenizer(given: str | Path | None, saved: Path, expected_sha256: str
 
 def _open_consolidated(path: Path, tokenizer: str | Path | None) -> Checkpoint:
     """A consolidated file (``pretrain.consolidate``): TP=1 weights, config and tokenizer."""
-    from pretrain.consolidate import load
+    from pretrain.checkpoint.consolidated import load
 
     payload = load(path)
     state = payload["trainer_state"]

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from model.strict_config import ConfigError
+from pretrain.errors import ConfigError
 
 
 @dataclass(frozen=True)

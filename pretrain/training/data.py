@@ -12,7 +12,7 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-from model.strict_config import ConfigError
+from pretrain.errors import ConfigError
 
 
 @dataclass

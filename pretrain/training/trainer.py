@@ -12,24 +12,22 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from model.strict_config import ConfigError
-from pretrain import distributed, faults, rng
-from pretrain.checkpoint import TOKENIZER_FILE, CheckpointError, CheckpointManager, read_state
+from pretrain import faults
+from pretrain.checkpoint.layout import TOKENIZER_FILE, read_state
+from pretrain.checkpoint.manager import CheckpointManager
+from pretrain.checkpoint.reshard import check_supported, describe
 from pretrain.config import TrainConfig
-from pretrain.data import build_datasets, micro_batches
-from pretrain.engine import build_engine, lm_loss
-from pretrain.flops import flops_per_token, peak_tflops
-from pretrain.launch_env import LaunchEnv
-from pretrain.lr_schedule import lr_at
-from pretrain.metrics import Metrics, memory_gb
-from pretrain.optimizer import zero0_prepare_step
-from pretrain.signals import EXIT_DONE, EXIT_NONFINITE, EXIT_RESUMABLE, StopRequest
-from pretrain.universal import check_supported, describe
-from pretrain.versions import library_versions
-
-
-class NonFiniteError(RuntimeError):
-    """Loss or gradient went NaN/inf under the ``halt`` policy."""
+from pretrain.errors import CheckpointError, ExitCode, NonFiniteError
+from pretrain.parallel import distributed, rng
+from pretrain.parallel.engine import build_engine, lm_loss
+from pretrain.parallel.launch_env import LaunchEnv
+from pretrain.parallel.optimizer import zero0_prepare_step
+from pretrain.training.data import build_datasets, micro_batches
+from pretrain.training.flops import flops_per_token, peak_tflops
+from pretrain.training.lr_schedule import lr_at
+from pretrain.training.metrics import Metrics, memory_gb
+from pretrain.training.signals import StopRequest
+from pretrain.training.versions import library_versions
 
 
 @dataclass
@@ -167,7 +165,7 @@ class Trainer:
         )
         if distributed.any_rank(self.stop.requested):  # a stop that arrived during start-up
             self.metrics.print("[train] stop requested before the first step; exiting to resume")
-            return EXIT_RESUMABLE
+            return ExitCode.RESUMABLE
         while self.step < cfg.training.train_steps:
             t0 = time.perf_counter()
             result = self._train_step()
@@ -196,10 +194,10 @@ class Trainer:
                 self.save()
             if stop_now and not finished:
                 self.metrics.print(f"[train] stopping after step {self.step} (checkpoint written)")
-                return EXIT_RESUMABLE
+                return ExitCode.RESUMABLE
         if cfg.training.eval_interval and self.step % cfg.training.eval_interval:
             self.evaluate()
-        return EXIT_DONE
+        return ExitCode.OK
 
     def _train_step(self) -> StepResult:
         cfg, engine = self.cfg, self.engine
@@ -349,6 +347,3 @@ class Trainer:
     def close(self) -> None:
         self.metrics.close()
         distributed.shutdown()
-
-
-__all__ = ["Trainer", "NonFiniteError", "ConfigError", "CheckpointError", "EXIT_NONFINITE"]

@@ -10,10 +10,10 @@ import torch
 from model import build_gpt
 from model.tp_layout import layout_of
 from pretrain.config import TrainConfig
-from pretrain.ds_config import deepspeed_config
-from pretrain.mpu import MegatronMPU
-from pretrain.optimizer import zero0_optimizer
-from pretrain.sequence_parallel import allreduce_sequence_parallel_grads
+from pretrain.parallel.ds_config import deepspeed_config
+from pretrain.parallel.mpu import MegatronMPU
+from pretrain.parallel.optimizer import zero0_optimizer
+from pretrain.parallel.sequence_parallel import allreduce_sequence_parallel_grads
 
 
 @dataclass

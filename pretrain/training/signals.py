@@ -1,15 +1,8 @@
-"""SIGTERM / SIGUSR1 → finish the step, checkpoint, exit with :data:`EXIT_RESUMABLE`."""
+"""SIGTERM / SIGUSR1 → finish the step, checkpoint, exit with ``ExitCode.RESUMABLE`` (75)."""
 
 from __future__ import annotations
 
 import signal
-
-#: finished every configured step
-EXIT_DONE = 0
-#: stopped early after writing a complete checkpoint (signal, exit_at_step): resume me
-EXIT_RESUMABLE = 75
-#: halted on a non-finite loss or gradient (policy ``halt``); nothing was checkpointed
-EXIT_NONFINITE = 3
 
 
 class StopRequest:

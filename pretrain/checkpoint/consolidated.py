@@ -1,0 +1,81 @@
+"""The consolidated checkpoint: one TP=1 weights file (for evaluation and sharing).
+
+The TP shards (ZeRO 0–2: DeepSpeed's module states; ZeRO-3: rebuilt from the fp32 partitions)
+are merged with the TP layout saved in the checkpoint. The output is a single ``torch.save`` file
+that loads with ``torch.load(path, weights_only=True)``::
+
+    {
+      "format": "twicing-lm/consolidated", "format_version": 1,
+      "step": int, "consumed_samples": int, "source": "<step dir>",
+      "dtype": "float32" | "bfloat16",
+      "trainer_state": {...},          # the source's trainer_state.json (config, topology, …)
+      "state_dict": {name: tensor},    # megatron-core GPT parameter names at TP=1
+      "tokenizer_model": uint8 tensor, # the run's sentencepiece model, byte for byte
+    }
+
+Written by ``python -m pretrain.consolidate``; read by ``pretrain.checkpoint.reader``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain import atomic
+from pretrain.errors import CheckpointError
+
+FORMAT = "twicing-lm/consolidated"
+FORMAT_VERSION = 1
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def is_consolidated(path: str | Path) -> bool:
+    return Path(path).is_file()
+
+
+def save(
+    out: str | Path,
+    *,
+    weights: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    source: str,
+    tokenizer_model: Path,
+    dtype: str = "fp32",
+) -> Path:
+    """Write the consolidated file: TP=1 ``weights`` of the checkpoint ``source`` with its
+    trainer ``state`` and sentencepiece model, atomically."""
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "step": int(state["step"]),
+        "consumed_samples": int(state.get("consumed_samples", 0)),
+        "source": source,
+        "dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype],
+        "trainer_state": state,
+        "state_dict": {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in weights.items()},
+        "tokenizer_model": torch.frombuffer(
+            bytearray(Path(tokenizer_model).read_bytes()), dtype=torch.uint8
+        ),
+    }
+    out = Path(out)
+    atomic.torch_save(payload, out, fsync=True)
+    return out
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read and check a consolidated file (``CheckpointError`` when it is not one)."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable consolidated checkpoint: {e}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a twicing-lm consolidated checkpoint")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format version {payload['format_version']}; this code reads up to "
+            f"{FORMAT_VERSION}"
+        )
+    return payload

@@ -1,0 +1,322 @@
+"""Resume at another data-/tensor-parallel size through DeepSpeed universal checkpoints.
+
+A twicing-lm checkpoint stores each rank's megatron-core TP shard and ZeRO partition. DeepSpeed's
+``ds_to_universal`` turns those into one full (TP=1, unpartitioned) tensor per parameter and
+optimizer state (``zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt``), which any TP × DP layout
+loads with ``"checkpoint": {"load_universal": true}``. It needs three things from us:
+
+* ``universal_checkpoint_info`` in the client state: how each megatron-core parameter was split
+  (:func:`universal_info`, derived from the ``tp_layout`` saved in every checkpoint) —
+  replicated parameters (norms, row-parallel biases) are averaged, row-parallel weights
+  (``linear_proj``, ``linear_fc2``) are concatenated on dim 1, column-parallel ones on dim 0
+  (the fused QKV of megatron-core is grouped per query group, so a plain concatenation is the
+  TP=1 layout, GQA included), and SwiGLU's ``linear_fc1`` (``partition_stride=2``, each rank
+  holding ``[gate_r; up_r]``) as two sub-parameters;
+* no ``_extra_state: None`` entries in the saved modules (the converter calls ``.float()`` on
+  every module entry), so conversion reads a staging copy of the model-state files with them
+  stripped and the info above injected — the original checkpoint is never modified;
+* the padded vocabulary is the same at every TP size here, so no vocabulary re-padding is needed.
+
+The converted checkpoint lives in ``<checkpoint root>/universal/<tag>/`` with its own
+``COMPLETE`` marker and the digest of the source's ``checksums.json`` (a stale conversion is
+redone, a matching one reused); the checkpoint manager prunes it with its source tag.
+
+Supported: ZeRO-1/2 ↔ ZeRO-1/2 at any TP × DP; ZeRO-3 → ZeRO-3 at TP=1 (any DP, any saved TP);
+ZeRO-0 → ZeRO-0 at the same TP (any DP: the model-state files do not depend on DP, so nothing is
+converted). Everything else is refused by :func:`check_supported` with the supported path named.
+
+Offline conversion (e.g. with several worker processes for a large model)::
+
+    python -m pretrain.universal RUN_DIR [--tag step_00001000] [--workers 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+
+from pretrain import atomic
+from pretrain.checkpoint.layout import (
+    CHECKSUMS,
+    MARKER,
+    STATE,
+    TOKENIZER_FILE,
+    read_state,
+    verify_files,
+)
+from pretrain.errors import CheckpointError
+
+UNIVERSAL_DIR = "universal"
+SOURCE = "SOURCE.json"
+
+# DeepSpeed's keys (deepspeed.checkpoint.constants), spelled out so that saving a checkpoint does
+# not import the converter
+INFO_KEY = "universal_checkpoint_info"
+VERSION_KEY = "universal_checkpoint_version"
+AVERAGE = "parameter_to_average_patterns"
+ROW_PARALLEL = "parameter_with_row_parallelism_patterns"
+TWO_SUB_PARAMS = "parameter_with_2_sub_params_cat_dim_0"
+#: pre-0.4 metadata: we declare no sub-parameter widths (our only sub-parameter split is SwiGLU's
+#: even 2-way split, expressed with ``parameter_with_2_sub_params_cat_dim_0``)
+UC_VERSION = 0.3
+
+_LAYER_INDEX = re.compile(r"\\\.layers\\\.\d+\\\.")
+
+
+def _pattern(name: str) -> str:
+    """An anchored regex for ``name`` with the layer index generalised."""
+    return _LAYER_INDEX.sub(lambda _m: r"\.layers\.\d+\.", re.escape(name)) + "$"
+
+
+def _category(name: str, split: dict[str, Any]) -> str | None:
+    dim, stride = split["dim"], split.get("stride", 1)
+    if dim is None:
+        return AVERAGE
+    if dim == 0 and stride == 1:
+        return None  # DeepSpeed's default: concatenate on dim 0
+    if dim == 1 and stride == 1:
+        return ROW_PARALLEL
+    if dim == 0 and stride == 2:
+        return TWO_SUB_PARAMS
+    raise CheckpointError(
+        f"no universal-checkpoint merge rule for {name} (TP split on dim {dim} with stride "
+        f"{stride}); resume it at the saved layout"
+    )
+
+
+def universal_info(tp_layout: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """DeepSpeed's ``universal_checkpoint_info`` for a model with this TP layout.
+
+    ``tp_layout`` is ``{parameter name: {"dim": d|None, "stride": s}}`` (``trainer_state.json``).
+    Layer indices are generalised (``decoder\\.layers\\.\\d+\\.…``), so the lists stay short.
+    """
+    info: dict[str, Any] = {
+        VERSION_KEY: UC_VERSION,
+        AVERAGE: [],
+        ROW_PARALLEL: [],
+        TWO_SUB_PARAMS: [],
+    }
+    seen: dict[str, str | None] = {}
+    for name, split in sorted(tp_layout.items()):
+        pattern, category = _pattern(name), _category(name, split)
+        if pattern in seen and seen[pattern] != category:
+            raise CheckpointError(
+                f"parameters matching {pattern} are split differently across layers; "
+                "no universal-checkpoint pattern covers them"
+            )
+        if pattern not in seen:
+            seen[pattern] = category
+            if category is not None:
+                info[category].append(pattern)
+    return info
+
+
+# ---------------------------------------------------------------------------- what can load where
+def describe(topology: dict[str, int]) -> str:
+    return f"TP{topology['tensor']}×DP{topology['data']} ZeRO-{topology['zero_stage']}"
+
+
+def check_supported(saved: dict[str, int], here: dict[str, int]) -> bool:
+    """Whether resuming ``saved`` at ``here`` needs a conversion; raises ``CheckpointError``
+    naming the supported path when the combination cannot work."""
+    a, b = saved["zero_stage"], here["zero_stage"]
+    where = f"a {describe(saved)} checkpoint cannot be resumed at {describe(here)}"
+    if a == 0 or b == 0:
+        if a == b == 0 and saved["tensor"] == here["tensor"]:
+            return False  # ZeRO-0 model states are per TP rank only: any DP loads them as they are
+        if a == 0:
+            raise CheckpointError(
+                f"{where}: ZeRO-0 checkpoints keep a plain optimizer state that DeepSpeed's "
+                "universal conversion does not read. Supported: resume with zero_stage=0 and "
+                f"parallel.tensor={saved['tensor']} at any data-parallel size"
+            )
+        raise CheckpointError(
+            f"{where}: a universal checkpoint cannot be loaded into ZeRO-0 (DeepSpeed restores it "
+            "through the ZeRO optimizer). Supported: resume with zero_stage 1 or 2 at any TP × DP"
+        )
+    if b == 3 and here["tensor"] > 1:
+        raise CheckpointError(
+            f"{where}: DeepSpeed 0.19 loads universal checkpoints into ZeRO-3 only at tensor "
+            "parallel 1 (megatron-core parameters carry no AutoTP restore metadata). Supported: "
+            "resume with parallel.tensor=1 and zero_stage=3 at any data-parallel size"
+            + (", or with zero_stage 1 or 2 at any TP × DP" if a in (1, 2) else "")
+        )
+    if (a == 3) != (b == 3):
+        raise CheckpointError(
+            f"{where}: DeepSpeed's universal format differs between ZeRO-3 and ZeRO-1/2 "
+            "(partition layout and optimizer state). Supported: "
+            + (
+                "resume with zero_stage=3 and parallel.tensor=1 at any data-parallel size"
+                if a == 3
+                else "resume with zero_stage 1 or 2 at any TP × DP"
+            )
+        )
+    return True
+
+
+# ---------------------------------------------------------------------------- conversion
+def universal_root(checkpoint_root: Path) -> Path:
+    return Path(checkpoint_root) / UNIVERSAL_DIR
+
+
+def source_digest(tag_dir: Path) -> str:
+    return xxhash.xxh3_128((Path(tag_dir) / CHECKSUMS).read_bytes()).hexdigest()
+
+
+def converted(tag_dir: Path) -> Path | None:
+    """The complete, up-to-date universal copy of ``tag_dir``, if there is one."""
+    out = universal_root(tag_dir.parent) / tag_dir.name
+    try:
+        source = json.loads((out / SOURCE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if (out / MARKER).is_file() and source.get("checksums_xxh3_128") == source_digest(tag_dir):
+        return out
+    return None
+
+
+def _strip_extra_state(module: dict[str, Any]) -> dict[str, Any]:
+    return (
+        {k: v for k, v in module.items() if not (k.endswith("_extra_state") and v is None)}
+        if isinstance(module, dict)
+        else module
+    )
+
+
+def _stage(tag_dir: Path, staging: Path, info: dict[str, Any]) -> None:
+    """A copy of the DeepSpeed files the converter reads: optimizer shards linked, model-state
+    files rewritten without ``_extra_state: None`` and with ``info`` injected."""
+    staging.mkdir(parents=True)
+    for f in sorted(tag_dir.glob("*_optim_states.pt")):
+        os.symlink(f.resolve(), staging / f.name)
+    for f in sorted(tag_dir.glob("*_model_states.pt")):
+        sd = torch.load(f, map_location="cpu", weights_only=False)
+        if "module" in sd:
+            sd["module"] = _strip_extra_state(sd["module"])
+        sd[INFO_KEY] = info
+        torch.save(sd, staging / f.name)
+
+
+def convert(tag_dir: str | Path, workers: int = 1, quiet: bool = True, verify: bool = True) -> Path:
+    """Convert one complete checkpoint into ``<root>/universal/<tag>/`` (verified first unless
+    the caller already did).
+
+    Reuses an up-to-date earlier conversion. Writes into a scratch directory and renames it
+    into place, so an interrupted conversion leaves nothing that would be loaded. ``workers``
+    > 1 lets DeepSpeed fork extraction/merge processes (use it only outside a training job).
+    """
+    tag_dir = Path(tag_dir)
+    state = read_state(tag_dir)
+    done = converted(tag_dir)
+    if done is not None:
+        return done
+    problems = verify_files(tag_dir) if verify else []
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {tag_dir} failed verification, not converted:\n  " + "\n  ".join(problems)
+        )
+    if state["topology"]["zero_stage"] == 0:
+        raise CheckpointError(
+            f"{tag_dir} is a ZeRO-0 checkpoint: DeepSpeed's universal conversion needs ZeRO "
+            "partitions (resume it with zero_stage=0 at the same TP; any DP size works as is)"
+        )
+    info = universal_info(state["tp_layout"])
+    root = universal_root(tag_dir.parent)
+    out = root / tag_dir.name
+    for stale in root.glob(f".tmp-{tag_dir.name}-*"):  # left by a killed conversion
+        shutil.rmtree(stale, ignore_errors=True)
+    scratch = root / f".tmp-{tag_dir.name}-{os.getpid()}"
+    try:
+        _stage(tag_dir, scratch / "input", info)
+        _run_converter(scratch / "input", scratch / tag_dir.name, workers, quiet)
+        result = scratch / tag_dir.name
+        for name in (STATE, TOKENIZER_FILE):
+            if (tag_dir / name).is_file():
+                shutil.copy2(tag_dir / name, result / name)
+        atomic.write_text(
+            result / SOURCE,
+            json.dumps(
+                {
+                    "source": str(tag_dir),
+                    "checksums_xxh3_128": source_digest(tag_dir),
+                    "topology": state["topology"],
+                    INFO_KEY: info,
+                },
+                indent=1,
+            ),
+        )
+        atomic.write_text(result / MARKER, f"{tag_dir.name}\n")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(result, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+def _run_converter(input_dir: Path, output_dir: Path, workers: int, quiet: bool) -> None:
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(input_dir),
+        output_folder=str(output_dir),
+        num_extract_workers=workers,
+        num_merge_workers=workers,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
+    log = io.StringIO()
+    previous = os.environ.get("TQDM_DISABLE")
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        with contextlib.redirect_stdout(log) if quiet else contextlib.nullcontext():
+            ds_to_universal.main(args)
+    except Exception as e:
+        raise CheckpointError(
+            f"DeepSpeed's universal conversion of {input_dir.parent} failed: "
+            f"{type(e).__name__}: {e}\n{log.getvalue()[-2000:]}"
+        ) from e
+    finally:
+        if quiet:
+            if previous is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = previous
+
+
+def fix_zero3_universal_load(optimizer, universal_dir: Path) -> None:
+    """Repair two slips of DeepSpeed 0.19's ZeRO-3 universal loader (``optimizer``: the base
+    torch optimizer inside the ZeRO-3 optimizer).
+
+    * It gives every parameter group the *first* saved group's hyperparameters, so the no-decay
+      group (biases, norms) would resume with weight decay.
+    * It stores one ``step`` tensor object in every group's state; Adam increments it in place,
+      once per group per step, so bias correction would run ahead.
+
+    Either makes the resumed run drift from the original (3e-3 in the loss 2 steps after the
+    resume on the tiny test model); with both fixed it follows the original run.
+    """
+    saved = torch.load(
+        Path(universal_dir) / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False
+    ).get("param_groups")
+    if not saved or len(saved) != len(optimizer.param_groups):
+        raise CheckpointError(
+            f"{universal_dir}: {len(saved or [])} saved parameter groups for "
+            f"{len(optimizer.param_groups)} in this run"
+        )
+    for group, values in zip(optimizer.param_groups, saved, strict=True):
+        group.update({k: v for k, v in values.items() if k != "params"})
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
