@@ -7,7 +7,8 @@ from typing import Literal
 
 from model.attention.layer_selection import select_layers
 from model.attention.registry import BACKENDS, VARIANTS
-from model.strict_config import ConfigError, check
+from model.strict_config import check
+from pretrain.errors import ConfigError
 
 
 @dataclass
