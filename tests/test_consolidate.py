@@ -44,7 +44,7 @@ def sharded_logits_worker(checkpoint: str, out: str) -> None:
     tp = dist.get_world_size()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     from pretrain.checkpoint.reader import open_checkpoint
-    from pretrain.evaluation.driver import build_model
+    from pretrain.evaluation.scorer import build_model
 
     ck = open_checkpoint(checkpoint)
     assert ck.tensor_parallel == tp and ck.zero_stage < 3  # its own shards, read as saved
@@ -125,7 +125,7 @@ def test_consolidated_weights_give_the_sharded_models_logits(
     tp2_run, consolidated, tmp_path, one_rank
 ):
     from pretrain.checkpoint.reader import open_checkpoint
-    from pretrain.evaluation.driver import build_model
+    from pretrain.evaluation.scorer import build_model
 
     out = tmp_path / "sharded.pt"
     run([str(Path(__file__)), str(tp2_run / "checkpoints/step_00000003"), str(out)], 2)

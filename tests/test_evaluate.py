@@ -44,7 +44,7 @@ def tp2_run(wikitext_manifest, tmp_path_factory):
 @pytest.fixture(scope="module")
 def eval_model(tp2_run, one_rank):
     from pretrain.checkpoint.reader import open_checkpoint
-    from pretrain.evaluation.driver import build_model
+    from pretrain.evaluation.scorer import build_model
 
     ck = open_checkpoint(tp2_run)
     return ck, build_model(ck, rank=0, tp=1)
@@ -74,8 +74,8 @@ def reference_nll(model, stream: list[int], length: int, stride: int) -> tuple[f
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["segments", "sliding"])
 def test_perplexity_matches_an_independent_cross_entropy_loop(eval_model, protocol):
-    from pretrain.evaluation.driver import token_nll
     from pretrain.evaluation.perplexity import score
+    from pretrain.evaluation.scorer import token_nll
     from pretrain.evaluation.texts import load_text
 
     ck, model = eval_model

@@ -87,7 +87,7 @@ def synthetic_checkpoint(tmp_path: Path, manifest: Path, name: str, **overrides)
 
 
 def our_logits(ck, x: torch.Tensor) -> torch.Tensor:
-    from pretrain.evaluation.driver import build_model
+    from pretrain.evaluation.scorer import build_model
 
     model = build_model(ck, 0, 1)
     with torch.no_grad():
@@ -221,8 +221,9 @@ def test_gpt2_export_scores_the_same_nll(wikitext_manifest, tmp_path, one_rank):
     """GPT-2 style: the evaluation's scoring of the export (``hf_token_nll``, as ``--hf-model``
     runs it) equals the megatron model's on the same windows."""
     from pretrain.checkpoint.reader import open_checkpoint
-    from pretrain.evaluation.driver import build_model, evaluate_text
+    from pretrain.evaluation.driver import evaluate_text
     from pretrain.evaluation.hf import hf_token_nll
+    from pretrain.evaluation.scorer import build_model
     from pretrain.evaluation.texts import load_text
     from pretrain.export.hf import export
 

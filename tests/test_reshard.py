@@ -240,11 +240,12 @@ def test_universal_info_patterns():
     ],
 )
 def test_supported_layouts(saved, here, expected):
-    from pretrain.checkpoint.reshard import check_supported
+    from pretrain.checkpoint.resume import check_supported
+    from pretrain.checkpoint.state import Topology
     from pretrain.errors import CheckpointError
 
     def topo(t):
-        return {"tensor": t[0], "data": t[1], "zero_stage": t[2]}
+        return Topology(tensor=t[0], data=t[1], zero_stage=t[2])
 
     if isinstance(expected, bool):
         assert check_supported(topo(saved), topo(here)) is expected

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from pretrain import atomic
+from pretrain.checkpoint.state import TrainerState
 from pretrain.errors import CheckpointError
 
 FORMAT = "twicing-lm/consolidated"
@@ -39,7 +40,7 @@ def save(
     out: str | Path,
     *,
     weights: dict[str, torch.Tensor],
-    state: dict[str, Any],
+    state: TrainerState,
     source: str,
     tokenizer_model: Path,
     dtype: str = "fp32",
@@ -49,11 +50,11 @@ def save(
     payload: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "step": int(state["step"]),
-        "consumed_samples": int(state.get("consumed_samples", 0)),
+        "step": state.step,
+        "consumed_samples": state.consumed_samples,
         "source": source,
         "dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype],
-        "trainer_state": state,
+        "trainer_state": state.to_json(),
         "state_dict": {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in weights.items()},
         "tokenizer_model": torch.frombuffer(
             bytearray(Path(tokenizer_model).read_bytes()), dtype=torch.uint8

@@ -27,6 +27,7 @@ from typing import Any
 
 import xxhash
 
+from pretrain.checkpoint.state import TrainerState
 from pretrain.errors import CheckpointError
 
 MARKER = "COMPLETE"
@@ -76,14 +77,16 @@ def latest_complete(root: Path) -> str | None:
     return tags[-1] if tags else None
 
 
-def read_state(tag_dir: Path) -> dict[str, Any]:
+def read_state(tag_dir: Path) -> TrainerState:
+    """The typed ``trainer_state.json`` of a complete checkpoint."""
     path = tag_dir / STATE
     if not (tag_dir / MARKER).is_file():
         raise CheckpointError(f"checkpoint {tag_dir} is incomplete (no {MARKER} marker)")
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint state {path} is unreadable: {e}") from None
+    return TrainerState.from_json(data, path)
 
 
 def verify_files(tag_dir: Path, names: list[str] | None = None) -> list[str]:

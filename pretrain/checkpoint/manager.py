@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain import atomic, faults
+from pretrain.checkpoint import reshard
 from pretrain.checkpoint.layout import (
     _TAG_PREFIX,
     CHECKSUMS,
@@ -29,13 +30,14 @@ from pretrain.checkpoint.layout import (
     tag_of,
     verify_files,
 )
+from pretrain.checkpoint.state import TrainerState
 from pretrain.errors import CheckpointError
 
 
 @dataclass
 class Loaded:
     tag: str
-    state: dict[str, Any]
+    state: TrainerState
     rng: dict[str, Any] | None
 
 
@@ -55,7 +57,7 @@ class CheckpointManager:
         self,
         engine,
         step: int,
-        state: dict[str, Any],
+        state: TrainerState,
         rng_state: dict[str, Any],
         files: dict[str, Path] | None = None,
     ) -> Path:
@@ -67,19 +69,17 @@ class CheckpointManager:
             if tag_dir.exists():  # a stale partial save of this step, or a re-save
                 shutil.rmtree(tag_dir)
         dist.barrier()
-        client_state = {"trainer": state}
-        if "tp_layout" in state:  # TP merge rules for DeepSpeed's universal conversion
-            from pretrain.checkpoint.reshard import INFO_KEY, universal_info
-
-            with contextlib.suppress(CheckpointError):  # no rule: only same-layout resumes
-                client_state[INFO_KEY] = universal_info(state["tp_layout"])
+        client_state: dict[str, Any] = {"trainer": state.to_json()}
+        # TP merge rules for DeepSpeed's universal conversion
+        with contextlib.suppress(CheckpointError):  # no rule: only same-layout resumes
+            client_state[reshard.INFO_KEY] = reshard.universal_info(state.tp_layout)
         engine.save_checkpoint(
             str(self.root), tag=tag, client_state=client_state, save_latest=False
         )
         atomic.torch_save(rng_state, tag_dir / "rng" / f"rank_{self.rank:05d}.pt", fsync=self.fsync)
         if self.rank == 0:
             atomic.write_text(
-                tag_dir / STATE, json.dumps(state, indent=1, sort_keys=True), self.fsync
+                tag_dir / STATE, json.dumps(state.to_json(), indent=1, sort_keys=True), self.fsync
             )
             for name, source in (files or {}).items():
                 atomic.write_bytes(tag_dir / name, Path(source).read_bytes(), self.fsync)
@@ -156,8 +156,6 @@ class CheckpointManager:
 
         RNG states are not restored (``rng=None``): the saved ones belong to other ranks' roles.
         """
-        from pretrain.checkpoint import reshard as universal
-
         tag_dir = self.root / tag
         state = read_state(tag_dir)
         if self.verify:
@@ -167,7 +165,7 @@ class CheckpointManager:
         error: list[str | None] = [None]
         if self.rank == 0:
             try:
-                universal.convert(tag_dir, verify=False)
+                reshard.convert(tag_dir, verify=False)
             except CheckpointError as e:
                 error[0] = str(e)
             except Exception as e:  # noqa: BLE001 - every rank must hear about it
@@ -180,7 +178,7 @@ class CheckpointManager:
         engine._config.load_universal_checkpoint = True
         try:
             path, _client = engine.load_checkpoint(
-                str(universal.universal_root(self.root)),
+                str(reshard.universal_root(self.root)),
                 tag=tag,
                 load_optimizer_states=True,
                 load_lr_scheduler_states=False,
@@ -190,8 +188,8 @@ class CheckpointManager:
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load the universal checkpoint of {tag_dir}")
         if engine.zero_optimization_stage() == 3:
-            universal.fix_zero3_universal_load(
-                engine.optimizer.optimizer, universal.universal_root(self.root) / tag
+            reshard.fix_zero3_universal_load(
+                engine.optimizer.optimizer, reshard.universal_root(self.root) / tag
             )
         return Loaded(tag=tag, state=state, rng=None)
 

@@ -28,13 +28,14 @@ from pretrain.checkpoint.layout import (
     read_state,
     verify_files,
 )
+from pretrain.checkpoint.state import TrainerState
 from pretrain.errors import CheckpointError
 
 
 @dataclass
 class Checkpoint:
     tag_dir: Path  # the step directory, or the consolidated file
-    state: dict[str, Any]
+    state: TrainerState
     model: ModelConfig
     tokenizer: SentencePieceTokenizer
     #: TP=1 weights of a consolidated file (None: read from the shards on demand)
@@ -43,19 +44,19 @@ class Checkpoint:
 
     @property
     def step(self) -> int:
-        return int(self.state["step"])
+        return self.state.step
 
     @property
     def tensor_parallel(self) -> int:
-        return 1 if self.weights is not None else int(self.state["topology"]["tensor"])
+        return 1 if self.weights is not None else self.state.topology.tensor
 
     @property
     def zero_stage(self) -> int:
-        return int(self.state["topology"]["zero_stage"])
+        return self.state.topology.zero_stage
 
     @property
     def layout(self) -> dict[str, Split]:
-        return {k: Split.from_json(v) for k, v in self.state["tp_layout"].items()}
+        return {k: Split.from_json(v) for k, v in self.state.tp_layout.items()}
 
 
 def resolve(path: str | Path, tag: str | None = None) -> Path:
@@ -88,24 +89,19 @@ def open_checkpoint(
         return _open_consolidated(Path(path), tokenizer)
     tag_dir = resolve(path, tag)
     state = read_state(tag_dir)
-    for key in ("config", "topology", "tp_layout", "tokenizer"):
-        if key not in state:
-            raise CheckpointError(
-                f"{tag_dir}/trainer_state.json has no {key!r}: not a twicing-lm checkpoint"
-            )
     problems = verify_files(tag_dir, [TOKENIZER_FILE])
     if problems:
         raise CheckpointError("; ".join(problems))
     saved = tag_dir / TOKENIZER_FILE
     if tokenizer is not None:
         given = file_sha256(tokenizer)
-        if given != state["tokenizer"]["sha256"]:
+        if given != state.tokenizer.sha256:
             raise CheckpointError(
                 f"tokenizer {tokenizer} (sha256 {given[:12]}…) does not match the checkpoint's "
-                f"{saved} (sha256 {state['tokenizer']['sha256'][:12]}…): token ids would mean "
+                f"{saved} (sha256 {state.tokenizer.sha256[:12]}…): token ids would mean "
                 "different things"
             )
-    model = from_dict(ModelConfig, state["config"]["model"], "model")
+    model = from_dict(ModelConfig, state.model_config, "model")
     return Checkpoint(tag_dir, state, model, SentencePieceTokenizer(saved))
 
 
@@ -125,14 +121,14 @@ def _open_consolidated(path: Path, tokenizer: str | Path | None) -> Checkpoint:
     from pretrain.checkpoint.consolidated import load
 
     payload = load(path)
-    state = payload["trainer_state"]
+    state = TrainerState.from_json(payload["trainer_state"], f"{path} [trainer_state]")
     scratch = tempfile.TemporaryDirectory(prefix="twicing-tokenizer-")
     saved = Path(scratch.name) / TOKENIZER_FILE
     saved.write_bytes(payload["tokenizer_model"].numpy().tobytes())
-    if file_sha256(saved) != state["tokenizer"]["sha256"]:
+    if file_sha256(saved) != state.tokenizer.sha256:
         raise CheckpointError(f"{path}: the embedded tokenizer does not match its recorded sha256")
-    _check_tokenizer(tokenizer, path, state["tokenizer"]["sha256"])
-    model = from_dict(ModelConfig, state["config"]["model"], "model")
+    _check_tokenizer(tokenizer, path, state.tokenizer.sha256)
+    model = from_dict(ModelConfig, state.model_config, "model")
     weights = {k: v.float() for k, v in payload["state_dict"].items()}
     return Checkpoint(path, state, model, SentencePieceTokenizer(saved), weights, scratch)
 

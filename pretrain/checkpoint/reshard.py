@@ -23,7 +23,8 @@ redone, a matching one reused); the checkpoint manager prunes it with its source
 
 Supported: ZeRO-1/2 ↔ ZeRO-1/2 at any TP × DP; ZeRO-3 → ZeRO-3 at TP=1 (any DP, any saved TP);
 ZeRO-0 → ZeRO-0 at the same TP (any DP: the model-state files do not depend on DP, so nothing is
-converted). Everything else is refused by :func:`check_supported` with the supported path named.
+converted). Everything else is refused by ``pretrain.checkpoint.resume`` with the supported path
+named.
 
 Offline conversion (e.g. with several worker processes for a large model)::
 
@@ -39,6 +40,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -121,49 +123,6 @@ def universal_info(tp_layout: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return info
 
 
-# ---------------------------------------------------------------------------- what can load where
-def describe(topology: dict[str, int]) -> str:
-    return f"TP{topology['tensor']}×DP{topology['data']} ZeRO-{topology['zero_stage']}"
-
-
-def check_supported(saved: dict[str, int], here: dict[str, int]) -> bool:
-    """Whether resuming ``saved`` at ``here`` needs a conversion; raises ``CheckpointError``
-    naming the supported path when the combination cannot work."""
-    a, b = saved["zero_stage"], here["zero_stage"]
-    where = f"a {describe(saved)} checkpoint cannot be resumed at {describe(here)}"
-    if a == 0 or b == 0:
-        if a == b == 0 and saved["tensor"] == here["tensor"]:
-            return False  # ZeRO-0 model states are per TP rank only: any DP loads them as they are
-        if a == 0:
-            raise CheckpointError(
-                f"{where}: ZeRO-0 checkpoints keep a plain optimizer state that DeepSpeed's "
-                "universal conversion does not read. Supported: resume with zero_stage=0 and "
-                f"parallel.tensor={saved['tensor']} at any data-parallel size"
-            )
-        raise CheckpointError(
-            f"{where}: a universal checkpoint cannot be loaded into ZeRO-0 (DeepSpeed restores it "
-            "through the ZeRO optimizer). Supported: resume with zero_stage 1 or 2 at any TP × DP"
-        )
-    if b == 3 and here["tensor"] > 1:
-        raise CheckpointError(
-            f"{where}: DeepSpeed 0.19 loads universal checkpoints into ZeRO-3 only at tensor "
-            "parallel 1 (megatron-core parameters carry no AutoTP restore metadata). Supported: "
-            "resume with parallel.tensor=1 and zero_stage=3 at any data-parallel size"
-            + (", or with zero_stage 1 or 2 at any TP × DP" if a in (1, 2) else "")
-        )
-    if (a == 3) != (b == 3):
-        raise CheckpointError(
-            f"{where}: DeepSpeed's universal format differs between ZeRO-3 and ZeRO-1/2 "
-            "(partition layout and optimizer state). Supported: "
-            + (
-                "resume with zero_stage=3 and parallel.tensor=1 at any data-parallel size"
-                if a == 3
-                else "resume with zero_stage 1 or 2 at any TP × DP"
-            )
-        )
-    return True
-
-
 # ---------------------------------------------------------------------------- conversion
 def universal_root(checkpoint_root: Path) -> Path:
     return Path(checkpoint_root) / UNIVERSAL_DIR
@@ -225,12 +184,12 @@ def convert(tag_dir: str | Path, workers: int = 1, quiet: bool = True, verify: b
         raise CheckpointError(
             f"checkpoint {tag_dir} failed verification, not converted:\n  " + "\n  ".join(problems)
         )
-    if state["topology"]["zero_stage"] == 0:
+    if state.topology.zero_stage == 0:
         raise CheckpointError(
             f"{tag_dir} is a ZeRO-0 checkpoint: DeepSpeed's universal conversion needs ZeRO "
             "partitions (resume it with zero_stage=0 at the same TP; any DP size works as is)"
         )
-    info = universal_info(state["tp_layout"])
+    info = universal_info(state.tp_layout)
     root = universal_root(tag_dir.parent)
     out = root / tag_dir.name
     for stale in root.glob(f".tmp-{tag_dir.name}-*"):  # left by a killed conversion
@@ -249,7 +208,7 @@ def convert(tag_dir: str | Path, workers: int = 1, quiet: bool = True, verify: b
                 {
                     "source": str(tag_dir),
                     "checksums_xxh3_128": source_digest(tag_dir),
-                    "topology": state["topology"],
+                    "topology": asdict(state.topology),
                     INFO_KEY: info,
                 },
                 indent=1,

@@ -9,54 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from pretrain.errors import CheckpointError, ConfigError
-
-
-def _init_parallel() -> tuple[int, int]:
-    """One process: a private 1-rank group. Under a launcher: TP = world size."""
-    from pretrain.parallel.distributed import init
-    from pretrain.parallel.launch_env import launch_env
-
-    env = launch_env()
-    if env.world_size == 1 and "MASTER_PORT" not in os.environ:
-        from pretrain.local_launch import free_port
-
-        os.environ["MASTER_PORT"] = str(free_port())
-        env = launch_env()
-    init(env, env.world_size, timeout_minutes=30)
-    return env.rank, env.world_size
-
-
-def build_model(ck, rank: int, tp: int):
-    """The checkpoint's GPT at TP=``tp`` with this rank's weights, in eval mode."""
-    from model import build_gpt
-    from pretrain.checkpoint.reader import state_dict_for_rank
-
-    torch.manual_seed(0)
-    model = build_gpt(ck.model)
-    missing, unexpected = model.load_state_dict(state_dict_for_rank(ck, rank, tp), strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{ck.tag_dir}: weights do not fit the model (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]})"
-        )
-    return model.eval()
-
-
-def token_nll(model):
-    def fn(tokens, positions, labels):
-        return model(tokens, positions, None, labels=labels)
-
-    return fn
+from pretrain.errors import ConfigError
+from pretrain.evaluation.scorer import token_nll
 
 
 def evaluate_text(
@@ -163,43 +122,43 @@ def _report(args, text, *, length, stride, results, swap_logs, t0, **source) -> 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.hf_model is not None:
-        return run_hf(args)
-    from pretrain.checkpoint.reader import open_checkpoint
-    from pretrain.evaluation.attention_entropy import AttentionEntropyProbe
-    from pretrain.evaluation.oversmoothing import HiddenStateProbe
+    """Score the text of ``args`` with the checkpoint or export it names; the report."""
+    from pretrain.evaluation.hf import HFScorer
+    from pretrain.evaluation.scorer import CheckpointScorer
 
     t0 = time.monotonic()
-    ck = open_checkpoint(args.checkpoint, args.tag, args.tokenizer)
+    scorer = HFScorer(args) if args.hf_model is not None else CheckpointScorer(args)
     text = _load_text(args)
-    length = args.length or ck.model.seq_length
-    if length > ck.model.seq_length and ck.model.position_embedding == "learned_absolute":
+    length = args.length or scorer.seq_length
+    if not length:
+        raise ConfigError("--length is needed: the export records no training sequence length")
+    if scorer.max_positions and length > scorer.max_positions:
         raise ConfigError(
-            f"--length {length} exceeds the learned positions ({ck.model.seq_length})"
+            f"--length {length} exceeds the learned positions ({scorer.max_positions})"
         )
     stride = _stride(args, length)
-
-    rank, tp = _init_parallel()
-    model = build_model(ck, rank, tp)
-    probe = HiddenStateProbe(model, args.skip_positions) if args.oversmoothing else None
-    entropy = AttentionEntropyProbe(model, args.skip_positions) if args.attention_entropy else None
+    scorer.load()
+    probe, entropy = scorer.probes(args)
+    nll = scorer.token_nll()
 
     def evaluate(t, p):
         return evaluate_text(
-            model,
-            ck.tokenizer,
+            None,
+            scorer.tokenizer,
             t,
             length=length,
             stride=stride,
             batch_size=args.batch_size,
             probe=p,
-            progress=args.progress and rank == 0,
+            progress=args.progress and scorer.rank == 0,
+            token_nll_fn=nll,
         )
 
     results, swap_logs = _clean_and_swapped(text, args, evaluate=evaluate, probe=probe)
     for hooks in (probe, entropy):
         if hooks is not None:
             hooks.remove()
+    skip = args.skip_positions
     return _report(
         args,
         text,
@@ -208,83 +167,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results=results,
         swap_logs=swap_logs,
         t0=t0,
-        checkpoint=str(ck.tag_dir),
-        step=ck.step,
-        model={
-            "attention": ck.model.attention,
-            "attention_layers": ck.model.attention_layers,
-            "num_layers": ck.model.num_layers,
-            "hidden_size": ck.model.hidden_size,
-        },
-        tokenizer_sha256=ck.tokenizer.sha256,
-        tensor_parallel=tp,
-        oversmoothing=(
-            {"skip_positions": args.skip_positions, "layers": probe.result()} if probe else None
-        ),
-        attention_entropy=(
-            {"skip_positions": args.skip_positions, **entropy.result()} if entropy else None
-        ),
-        _rank=rank,
-    )
-
-
-def run_hf(args: argparse.Namespace) -> dict[str, Any]:
-    """The evaluation of a Hugging Face export: same text, token ids, windows and metrics."""
-    from pretrain.evaluation.hf import HFExport, hf_token_nll
-
-    t0 = time.monotonic()
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        raise ConfigError("--hf-model evaluates on one process (no tensor parallelism)")
-    if args.attention_entropy:
-        raise ConfigError("--attention-entropy needs a twicing-lm checkpoint, not --hf-model")
-    hf = HFExport(args.hf_model, args.tokenizer)
-    text = _load_text(args)
-    length = args.length or hf.seq_length
-    if not length:
-        raise ConfigError("--length is needed: the export records no training sequence length")
-    if hf.learned_positions and length > hf.config.n_positions:
-        raise ConfigError(
-            f"--length {length} exceeds the learned positions ({hf.config.n_positions})"
-        )
-    stride = _stride(args, length)
-    model = hf.load()
-
-    def evaluate(t, _probe):
-        return evaluate_text(
-            model,
-            hf.tokenizer,
-            t,
-            length=length,
-            stride=stride,
-            batch_size=args.batch_size,
-            progress=args.progress,
-            token_nll_fn=hf_token_nll(model),
-        )
-
-    results, swap_logs = _clean_and_swapped(text, args, evaluate=evaluate)
-    model_meta = hf.meta.get("model", {})
-    return _report(
-        args,
-        text,
-        length=length,
-        stride=stride,
-        results=results,
-        swap_logs=swap_logs,
-        t0=t0,
-        checkpoint=str(hf.tag_dir),
-        hf_model=hf.meta.get("architecture") or type(model).__name__,
-        step=hf.step,
-        model={
-            "attention": model_meta.get("attention", "softmax"),
-            "attention_layers": model_meta.get("attention_layers"),
-            "num_layers": hf.config.num_hidden_layers,
-            "hidden_size": hf.config.hidden_size,
-        },
-        tokenizer_sha256=hf.tokenizer.sha256,
-        tensor_parallel=1,
-        oversmoothing=None,
-        attention_entropy=None,
-        _rank=0,
+        **scorer.describe(),
+        oversmoothing={"skip_positions": skip, "layers": probe.result()} if probe else None,
+        attention_entropy={"skip_positions": skip, **entropy.result()} if entropy else None,
+        _rank=scorer.rank,
     )
 
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from pretrain.errors import CheckpointError
+from pretrain.errors import CheckpointError, ConfigError
+from pretrain.evaluation.scorer import TokenNLL
 
 
-def hf_token_nll(model):
+def hf_token_nll(model) -> TokenNLL:
     """Per-token NLL ``[b, s]`` of a ``transformers`` causal LM (as megatron's with ``labels``)."""
     import torch.nn.functional as F
 
@@ -58,3 +62,44 @@ class HFExport:
         return AutoModelForCausalLM.from_pretrained(
             str(self.tag_dir), local_files_only=True, dtype=torch.float32
         ).eval()
+
+
+class HFScorer:
+    """A Hugging Face export on one process (no tensor parallelism, no probes)."""
+
+    rank = 0
+
+    def __init__(self, args: argparse.Namespace):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("--hf-model evaluates on one process (no tensor parallelism)")
+        if args.attention_entropy:
+            raise ConfigError("--attention-entropy needs a twicing-lm checkpoint, not --hf-model")
+        self.hf = HFExport(args.hf_model, args.tokenizer)
+        self.tokenizer = self.hf.tokenizer
+        self.seq_length = self.hf.seq_length
+        self.max_positions = self.hf.config.n_positions if self.hf.learned_positions else None
+
+    def load(self) -> None:
+        self.model = self.hf.load()
+
+    def token_nll(self) -> TokenNLL:
+        return hf_token_nll(self.model)
+
+    def probes(self, args: argparse.Namespace) -> tuple[Any, Any]:
+        return None, None
+
+    def describe(self) -> dict[str, Any]:
+        meta = self.hf.meta.get("model", {})
+        return {
+            "checkpoint": str(self.hf.tag_dir),
+            "hf_model": self.hf.meta.get("architecture") or type(self.model).__name__,
+            "step": self.hf.step,
+            "model": {
+                "attention": meta.get("attention", "softmax"),
+                "attention_layers": meta.get("attention_layers"),
+                "num_layers": self.hf.config.num_hidden_layers,
+                "hidden_size": self.hf.config.hidden_size,
+            },
+            "tokenizer_sha256": self.tokenizer.sha256,
+            "tensor_parallel": 1,
+        }

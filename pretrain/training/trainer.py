@@ -15,9 +15,10 @@ from megatron.core import parallel_state
 from pretrain import faults
 from pretrain.checkpoint.layout import TOKENIZER_FILE, read_state
 from pretrain.checkpoint.manager import CheckpointManager
-from pretrain.checkpoint.reshard import check_supported, describe
+from pretrain.checkpoint.resume import plan_resume
+from pretrain.checkpoint.state import TokenizerInfo, Topology, TrainerState
 from pretrain.config import TrainConfig
-from pretrain.errors import CheckpointError, ExitCode, NonFiniteError
+from pretrain.errors import ExitCode, NonFiniteError
 from pretrain.parallel import distributed, rng
 from pretrain.parallel.engine import build_engine, lm_loss
 from pretrain.parallel.launch_env import LaunchEnv
@@ -104,55 +105,35 @@ class Trainer:
                 f"[train] no checkpoint in {self.cfg.checkpoint_dir}; starting fresh"
             )
             return
-        state = read_state(self.cfg.checkpoint_dir / tag)
-        reshard = self._check_compatible(state)  # before DeepSpeed reads any shard
+        saved = read_state(self.cfg.checkpoint_dir / tag)
+        here = self._topology()
+        # decided before DeepSpeed reads any shard
+        reshard = plan_resume(saved, self.cfg.to_dict()["model"], here, self.cfg.checkpoint.reshard)
         if reshard:
             loaded = self.checkpoints.load_resharded(self.engine, tag)
         else:
             loaded = self.checkpoints.load(self.engine, tag)
-        self.step = loaded.state["step"]
-        self.consumed_samples = loaded.state["consumed_samples"]
-        self.skipped_steps = loaded.state.get("skipped_steps", 0)
-        if reshard or loaded.state["topology"] != self._topology():
+        state = loaded.state
+        self.step = state.step
+        self.consumed_samples = state.consumed_samples
+        self.skipped_steps = state.skipped_steps
+        if state.topology != here:
             # the saved RNG states belong to other ranks' roles: reseed deterministically from
             # the seed and the step, alike on every rank as at the start of a run (dropout masks
             # then differ from the original run's)
             rng.seed_everything(self.cfg.training.seed + self.step)
         elif loaded.rng is not None:
             rng.restore(loaded.rng)
-        how = f" (resharded {describe(loaded.state['topology'])} -> {describe(self._topology())})"
+        how = f" (resharded {state.topology.describe()} -> {here.describe()})"
         self.metrics.print(
             f"[train] resumed from {tag}: step {self.step}, {self.consumed_samples} samples"
-            + (how if loaded.state["topology"] != self._topology() else "")
+            + (how if state.topology != here else "")
         )
 
-    def _topology(self) -> dict[str, int]:
-        return {
-            "tensor": self.cfg.parallel.tensor,
-            "data": self.dp,
-            "zero_stage": self.cfg.parallel.zero_stage,
-        }
-
-    def _check_compatible(self, state: dict[str, Any]) -> bool:
-        """Raise unless ``state`` can resume here; True when its layout must be converted."""
-        saved_model = state["config"]["model"]
-        current = self.cfg.to_dict()["model"]
-        diff = sorted(
-            k for k in set(saved_model) | set(current) if saved_model.get(k) != current.get(k)
+    def _topology(self) -> Topology:
+        return Topology(
+            tensor=self.cfg.parallel.tensor, data=self.dp, zero_stage=self.cfg.parallel.zero_stage
         )
-        if diff:
-            details = ", ".join(f"{k}: {saved_model.get(k)!r} -> {current.get(k)!r}" for k in diff)
-            raise CheckpointError(f"checkpoint model config differs from this run's ({details})")
-        saved, here = state["topology"], self._topology()
-        if saved == here:
-            return False
-        if not self.cfg.checkpoint.reshard:
-            raise CheckpointError(
-                f"checkpoint was saved at {describe(saved)}, this run is {describe(here)}; to "
-                "resume with another layout, run again with checkpoint.reshard=true (converts it "
-                "through a DeepSpeed universal checkpoint)"
-            )
-        return check_supported(saved, here)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> int:
@@ -320,25 +301,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
-        state = {
-            "step": self.step,
-            "consumed_samples": self.consumed_samples,
-            "skipped_steps": self.skipped_steps,
-            "config": self.cfg.to_dict(),
-            "topology": {
-                "tensor": self.cfg.parallel.tensor,
-                "data": self.dp,
-                "zero_stage": self.cfg.parallel.zero_stage,
-            },
-            "tp_layout": self.layout,
-            "versions": library_versions(),
-            "tokenizer": {
-                "file": TOKENIZER_FILE,
-                "sha256": self.tokenizer.sha256,
-                "vocab_size": self.tokenizer.vocab_size,
-                "eod": self.tokenizer.eod,
-            },
-        }
+        state = TrainerState(
+            step=self.step,
+            consumed_samples=self.consumed_samples,
+            skipped_steps=self.skipped_steps,
+            config=self.cfg.to_dict(),
+            topology=self._topology(),
+            tp_layout=self.layout,
+            versions=library_versions(),
+            tokenizer=TokenizerInfo(
+                file=TOKENIZER_FILE,
+                sha256=self.tokenizer.sha256,
+                vocab_size=self.tokenizer.vocab_size,
+                eod=self.tokenizer.eod,
+            ),
+        )
         t0 = time.perf_counter()
         files = {TOKENIZER_FILE: self.tokenizer.model_path}
         path = self.checkpoints.save(self.engine, self.step, state, rng.capture(), files)

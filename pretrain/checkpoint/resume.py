@@ -1,0 +1,70 @@
+"""The one place that decides how a checkpoint resumes here: as is, resharded, or refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pretrain.checkpoint.state import Topology, TrainerState
+from pretrain.errors import CheckpointError
+
+
+def plan_resume(
+    state: TrainerState, model_config: dict[str, Any], here: Topology, reshard: bool
+) -> bool:
+    """Raise unless ``state`` can resume a run with ``model_config`` at ``here``; True when its
+    shards must be converted (``checkpoint.reshard=true``) first."""
+    saved_model = state.model_config
+    diff = sorted(
+        k for k in set(saved_model) | set(model_config) if saved_model.get(k) != model_config.get(k)
+    )
+    if diff:
+        details = ", ".join(f"{k}: {saved_model.get(k)!r} -> {model_config.get(k)!r}" for k in diff)
+        raise CheckpointError(f"checkpoint model config differs from this run's ({details})")
+    saved = state.topology
+    if saved == here:
+        return False
+    if not reshard:
+        raise CheckpointError(
+            f"checkpoint was saved at {saved.describe()}, this run is {here.describe()}; to "
+            "resume with another layout, run again with checkpoint.reshard=true (converts it "
+            "through a DeepSpeed universal checkpoint)"
+        )
+    return check_supported(saved, here)
+
+
+def check_supported(saved: Topology, here: Topology) -> bool:
+    """Whether resuming ``saved`` at ``here`` needs a conversion; raises ``CheckpointError``
+    naming the supported path when the combination cannot work."""
+    a, b = saved.zero_stage, here.zero_stage
+    where = f"a {saved.describe()} checkpoint cannot be resumed at {here.describe()}"
+    if a == 0 or b == 0:
+        if a == b == 0 and saved.tensor == here.tensor:
+            return False  # ZeRO-0 model states are per TP rank only: any DP loads them as they are
+        if a == 0:
+            raise CheckpointError(
+                f"{where}: ZeRO-0 checkpoints keep a plain optimizer state that DeepSpeed's "
+                "universal conversion does not read. Supported: resume with zero_stage=0 and "
+                f"parallel.tensor={saved.tensor} at any data-parallel size"
+            )
+        raise CheckpointError(
+            f"{where}: a universal checkpoint cannot be loaded into ZeRO-0 (DeepSpeed restores it "
+            "through the ZeRO optimizer). Supported: resume with zero_stage 1 or 2 at any TP × DP"
+        )
+    if b == 3 and here.tensor > 1:
+        raise CheckpointError(
+            f"{where}: DeepSpeed 0.19 loads universal checkpoints into ZeRO-3 only at tensor "
+            "parallel 1 (megatron-core parameters carry no AutoTP restore metadata). Supported: "
+            "resume with parallel.tensor=1 and zero_stage=3 at any data-parallel size"
+            + (", or with zero_stage 1 or 2 at any TP × DP" if a in (1, 2) else "")
+        )
+    if (a == 3) != (b == 3):
+        raise CheckpointError(
+            f"{where}: DeepSpeed's universal format differs between ZeRO-3 and ZeRO-1/2 "
+            "(partition layout and optimizer state). Supported: "
+            + (
+                "resume with zero_stage=3 and parallel.tensor=1 at any data-parallel size"
+                if a == 3
+                else "resume with zero_stage 1 or 2 at any TP × DP"
+            )
+        )
+    return True

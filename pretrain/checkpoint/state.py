@@ -1,0 +1,137 @@
+"""``trainer_state.json``: the typed record of what a checkpoint holds, and its one schema.
+
+Everything that writes or reads a checkpoint's state goes through :class:`TrainerState`::
+
+    {
+      "version": 1,                      # this schema; absent in checkpoints written before it
+      "step": int, "consumed_samples": int, "skipped_steps": int,
+      "config": {...},                   # the run's full TrainConfig as plain data
+      "topology": {"tensor": T, "data": D, "zero_stage": Z},
+      "tp_layout": {param: {"dim": d|null, "stride": s}},
+      "versions": {library: version},
+      "tokenizer": {"file": "tokenizer.model", "sha256": …, "vocab_size": V, "eod": id}
+    }
+
+A newer ``version`` than this code knows, a missing key or a wrong type is a ``CheckpointError``
+naming the file and the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pretrain.errors import CheckpointError
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The parallel layout a checkpoint was saved at (the shards depend on it)."""
+
+    tensor: int
+    data: int
+    zero_stage: int
+
+    def describe(self) -> str:
+        return f"TP{self.tensor}×DP{self.data} ZeRO-{self.zero_stage}"
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    file: str
+    sha256: str
+    vocab_size: int
+    eod: int
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    step: int
+    consumed_samples: int
+    config: dict[str, Any]
+    topology: Topology
+    tp_layout: dict[str, dict[str, Any]]
+    tokenizer: TokenizerInfo
+    skipped_steps: int = 0
+    versions: dict[str, str] = field(default_factory=dict)
+    version: int = STATE_VERSION
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        """The ``model`` section of the saved config (plain data)."""
+        return self.config["model"]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, where: str | Path) -> TrainerState:
+        """Parse ``data`` (read from ``where``); ``CheckpointError`` naming what is wrong."""
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        version = data.get("version", 1)
+        if not isinstance(version, int) or version > STATE_VERSION or version < 1:
+            raise CheckpointError(
+                f"{where}: trainer state version {version!r} is not supported by this code "
+                f"(it reads versions 1..{STATE_VERSION}); use the twicing-lm release that wrote it"
+            )
+        missing = [k for k in _REQUIRED if k not in data]
+        if missing:
+            raise CheckpointError(
+                f"{where}: key {missing[0]!r} is missing: not a complete twicing-lm trainer state"
+            )
+        try:
+            return cls(
+                step=_int(data, "step", where),
+                consumed_samples=_int(data, "consumed_samples", where),
+                skipped_steps=_int(data, "skipped_steps", where, default=0),
+                config=_dict(data, "config", where),
+                topology=Topology(
+                    **_ints(data, "topology", ("tensor", "data", "zero_stage"), where)
+                ),
+                tp_layout=_dict(data, "tp_layout", where),
+                tokenizer=TokenizerInfo(**_tokenizer(data, where)),
+                versions=_dict(data, "versions", where, default={}),
+                version=version,
+            )
+        except TypeError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+
+
+_TOPOLOGY_KEYS = ("tensor", "data", "zero_stage")
+_REQUIRED = ("step", "consumed_samples", "config", "topology", "tp_layout", "tokenizer")
+
+
+def _int(data: dict, key: str, where, default: int | None = None) -> int:
+    value = data.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise CheckpointError(f"{where}: key {key!r} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _dict(data: dict, key: str, where, default: dict | None = None) -> dict:
+    value = data.get(key, default)
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: key {key!r} must be an object, got {value!r}")
+    return value
+
+
+def _ints(data: dict, key: str, names: tuple[str, ...], where) -> dict[str, int]:
+    section = _dict(data, key, where)
+    return {n: _int(section, n, f"{where} [{key}]") for n in names}
+
+
+def _tokenizer(data: dict, where) -> dict[str, Any]:
+    section = _dict(data, "tokenizer", where)
+    for key in ("file", "sha256"):
+        if not isinstance(section.get(key), str):
+            raise CheckpointError(f"{where}: key 'tokenizer.{key}' must be a string")
+    return {
+        "file": section["file"],
+        "sha256": section["sha256"],
+        "vocab_size": _int(section, "vocab_size", f"{where} [tokenizer]"),
+        "eod": _int(section, "eod", f"{where} [tokenizer]"),
+    }
