@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from model.attention.layer_selection import select_layers
-from model.attention.registry import BACKENDS, VARIANTS
+from model.attention.registry import BACKENDS, VARIANTS, Backend
 from model.strict_config import check
 from pretrain.errors import ConfigError
 
@@ -37,7 +37,7 @@ class ModelConfig:
     tied_embeddings: bool = True
     attention: str = "twicing"
     attention_layers: str | list[int] = "all"
-    attention_backend: Literal["auto", "flash", "sdpa"] = "auto"
+    attention_backend: Backend = "auto"  # auto|flash|sdpa|cudnn|sdpa-flash|efficient|flash4
     attention_options: dict[str, float] = field(default_factory=dict)
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
@@ -63,7 +63,11 @@ class ModelConfig:
             "model.attention",
             f"unknown attention variant {self.attention!r}; known: {sorted(VARIANTS)}",
         )
-        check(self.attention_backend in BACKENDS, "model.attention_backend", "unknown backend")
+        check(
+            self.attention_backend in BACKENDS,
+            "model.attention_backend",
+            f"unknown backend {self.attention_backend!r}; known: {list(BACKENDS)}",
+        )
         for key in ("attention_dropout", "hidden_dropout"):
             value = getattr(self, key)
             check(0.0 <= value < 1.0, f"model.{key}", f"must be in [0, 1), got {value}")
@@ -84,9 +88,10 @@ class ModelConfig:
                 f"{self.attention_layers!r} with num_layers={self.num_layers} selects none of them",
             )
         check(
-            variant.supports_flash or self.attention_backend != "flash",
+            variant.supports_flash or self.attention_backend in ("auto", "sdpa"),
             "model.attention_backend",
-            f"'flash' cannot run {self.attention} attention (scores are not q·kᵀ): use auto/sdpa",
+            f"'{self.attention_backend}' cannot run {self.attention} attention (scores are not "
+            "q·kᵀ): use auto/sdpa",
         )
         layers = frozenset(i for i in layers if self.variant_of_layer(i) != "softmax")
         if self.attention_dropout > 0:

@@ -1,61 +1,227 @@
-"""The one attention kernel everything calls: flash-attn when it can run, else torch SDPA.
+"""The one attention kernel everything calls, and the choice of that kernel (``attend``,
+``resolve_backend``).
 
 All tensors are ``[batch, seq, heads, head_dim]`` (flash-attn's layout). ``k``/``v`` may carry
 fewer heads than ``q`` (grouped-query attention); query head ``h`` reads key/value group
 ``h // (heads // groups)``, megatron-core's and flash-attn's convention.
+
+Backends (``model.attention_backend``):
+
+========== =================================================================================
+``auto``   the fastest correct kernel for the device (see :func:`resolve_backend`)
+``sdpa``   ``torch.nn.functional.scaled_dot_product_attention`` with torch's own kernel choice
+``cudnn``  torch SDPA pinned to its cuDNN kernel (``SDPBackend.CUDNN_ATTENTION``; CUDA only)
+``sdpa-flash`` torch SDPA pinned to its FlashAttention-2 kernel (``SDPBackend.FLASH_ATTENTION``;
+           on CPU, torch's CPU flash kernel)
+``efficient`` torch SDPA pinned to its memory-efficient (xformers) kernel (CUDA only)
+``flash``  the ``flash-attn`` package (FlashAttention-2), CUDA fp16/bf16
+``flash4`` the ``flash-attn-4`` package (FlashAttention-4, CuTe DSL), Hopper/Blackwell fp16/bf16
+========== =================================================================================
+
+The choice depends only on ``q`` (device, dtype, head_dim) and the dropout, never on the number of
+key/value heads, so the two passes of twicing attention (``attend(q, k, v)`` and
+``attend(q, k_full, o1)``) always run the same kernel. A pinned kernel that takes no grouped
+keys/values natively gets them repeated to the query heads (same kernel, more memory).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from model.attention.registry import BACKENDS, Backend  # names: torch-free, in the registry
 
-_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+#: what ``resolve_backend`` returns: every backend but ``auto``
+CONCRETE: tuple[str, ...] = tuple(b for b in BACKENDS if b != "auto")
+
+_HALF = (torch.float16, torch.bfloat16)
+#: ``auto``'s preference on Hopper (compute capability 9.x), fastest first; see resolve_backend
+HOPPER_ORDER: tuple[str, ...] = ("cudnn", "flash4", "flash", "sdpa-flash", "efficient")
+#: ``auto``'s preference on other CUDA devices
+CUDA_ORDER: tuple[str, ...] = ("flash", "sdpa-flash", "efficient")
+
+
+def _module_present(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def flash_available() -> bool:
-    """True when the flash-attn package is importable and CUDA is present."""
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    """True when the flash-attn package (FlashAttention-2) is importable and CUDA is present."""
+    return torch.cuda.is_available() and _module_present("flash_attn_2_cuda")
 
 
-def _flash_fits(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in _FLASH_DTYPES and flash_available()
+def flash4_available() -> bool:
+    """True when the flash-attn-4 package (``flash_attn.cute``) and its CuTe DSL are importable
+    and CUDA is present."""
+    return (
+        torch.cuda.is_available()
+        and _module_present("flash_attn.cute")
+        and _module_present("cutlass")
+    )
 
 
-def resolve_backend(backend: Backend, q: torch.Tensor) -> str:
-    """Pick the concrete kernel for ``q``; a forced ``flash`` that cannot run is an error."""
+def _on_cuda(q: torch.Tensor) -> bool:
+    return q.is_cuda
+
+
+def _capability(q: torch.Tensor) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(q.device)
+
+
+# ----------------------------------------------------------------------------- torch SDPA
+def _sdpa_backends() -> dict[str, object]:
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
+
+
+_CAN_USE = {
+    "cudnn": "can_use_cudnn_attention",
+    "sdpa-flash": "can_use_flash_attention",
+    "efficient": "can_use_efficient_attention",
+}
+_SDPA_NAMES = {
+    "cudnn": "cuDNN",
+    "sdpa-flash": "FlashAttention-2",
+    "efficient": "memory-efficient",
+}
+
+
+def _sdpa_refusal(name: str, q, k, v, causal: bool, dropout_p: float) -> str | None:
+    """Why torch SDPA's pinned kernel ``name`` cannot take these ``[b, h, s, d]`` CUDA tensors
+    (torch's own reasons), or None when it can."""
+    cuda = torch.backends.cuda
+    gqa = q.size(1) != k.size(1)
+    try:
+        params = cuda.SDPAParams(q, k, v, None, dropout_p, causal, gqa)
+    except TypeError:  # torch < 2.5: no enable_gqa field
+        params = cuda.SDPAParams(q, k, v, None, dropout_p, causal)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = getattr(cuda, _CAN_USE[name])(params, True)
+    if ok:
+        return None
+    reasons = "; ".join(str(w.message).strip() for w in caught) or "no reason given"
+    return f"torch SDPA's {_SDPA_NAMES[name]} kernel refuses these inputs: {reasons}"
+
+
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- resolution
+def unavailable_reason(backend: str, q: torch.Tensor, dropout_p: float = 0.0) -> str | None:
+    """Why the concrete ``backend`` cannot run attention on ``q`` (what is missing), or None.
+
+    Checked on ``q``-shaped keys and values (twicing's second pass); grouped keys/values that a
+    kernel takes only at full width are repeated in :func:`attend`.
+    """
+    where = f"device={q.device.type}, dtype={str(q.dtype).removeprefix('torch.')}"
+    if backend == "sdpa":
+        return None
+    if backend == "flash":
+        if not (_on_cuda(q) and q.dtype in _HALF and flash_available()):
+            return (
+                "attention backend 'flash' needs CUDA fp16/bf16 tensors and the flash-attn "
+                f"package (got {where}, "
+                f"flash-attn installed={_module_present('flash_attn_2_cuda')})"
+            )
+        return None
+    if backend == "flash4":
+        missing = [m for m in ("flash_attn.cute", "cutlass") if not _module_present(m)]
+        if missing:
+            return (
+                "attention backend 'flash4' needs the flash-attn-4 package (FlashAttention-4, "
+                f"CuTe DSL: `pip install flash-attn-4`, which brings nvidia-cutlass-dsl); missing "
+                f"module(s) {', '.join(missing)}"
+            )
+        if not (_on_cuda(q) and q.dtype in _HALF):
+            return f"attention backend 'flash4' needs CUDA fp16/bf16 tensors (got {where})"
+        if _capability(q)[0] not in (9, 10):
+            return (
+                "attention backend 'flash4' needs a Hopper (sm90) or Blackwell (sm100) GPU, got "
+                f"compute capability {_capability(q)}"
+            )
+        if dropout_p:
+            return "attention backend 'flash4' has no attention dropout"
+        return None
+    if backend in _CAN_USE:
+        if not _on_cuda(q):
+            if backend == "sdpa-flash":
+                return None  # torch's CPU flash kernel (any float dtype)
+            return (
+                f"attention backend {backend!r} is torch SDPA's {_SDPA_NAMES[backend]} kernel, "
+                f"which needs a CUDA device (got {where})"
+            )
+        if backend == "cudnn" and not torch.backends.cudnn.is_available():
+            return "attention backend 'cudnn' needs cuDNN, which this torch build cannot load"
+        qt = _bhsd(q)
+        return _sdpa_refusal(backend, qt, qt, qt, True, dropout_p)
+    raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+
+
+def resolve_backend(backend: Backend, q: torch.Tensor, dropout_p: float = 0.0) -> str:
+    """The concrete kernel (one of :data:`CONCRETE`) for ``q``; a named one that cannot run is a
+    ``RuntimeError`` naming what is missing.
+
+    ``auto`` on CUDA fp16/bf16 tries, in order, and takes the first that runs:
+
+    - Hopper (H100/H200, sm90): ``cudnn``, ``flash4``, ``flash``, ``sdpa-flash``, ``efficient``.
+      torch SDPA's own priority puts its FlashAttention-2 kernel first, but FA2 uses none of
+      Hopper's wgmma/TMA instructions and reaches about 330 TFLOP/s there, while cuDNN's sm90
+      kernel reaches about 630 (the same as FlashAttention-3; pytorch/pytorch#142132,
+      tritonbench#41), measured 1.7-2.3x faster for training shapes at the same accuracy
+      (huggingface/transformers#48163, which prefers cuDNN on sm90 only). cuDNN ships inside torch,
+      so it needs nothing extra; FlashAttention-4 targets the same instructions but needs its own
+      ~100 MiB package; the flash-attn package is FA2 again. ``benchmarks/gpu/check.py`` measures
+      every backend on the GPU at hand and prints whether ``auto``'s pick was the fastest correct
+      one.
+    - other CUDA devices: ``flash``, ``sdpa-flash``, ``efficient`` (FA2 is the fastest on Ampere
+      and Ada, where cuDNN measured slower or even in the same comparison).
+
+    Anything else (CPU, fp32) is ``sdpa``: on CPU its flash kernel, with twicing's two passes
+    fused into one autograd function (:func:`cpu_kernel_applies`).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
-    if backend == "flash":
-        if not _flash_fits(q):
-            raise RuntimeError(
-                "attention backend 'flash' needs CUDA fp16/bf16 tensors and the flash-attn "
-                f"package (got device={q.device}, dtype={q.dtype}, "
-                f"flash-attn installed={importlib.util.find_spec('flash_attn') is not None})"
-            )
-        return "flash"
-    if backend == "auto" and _flash_fits(q):
-        return "flash"
+    if backend != "auto":
+        reason = unavailable_reason(backend, q, dropout_p)
+        if reason is not None:
+            raise RuntimeError(reason)
+        return backend
+    if not (_on_cuda(q) and q.dtype in _HALF):
+        return "sdpa"
+    order = HOPPER_ORDER if _capability(q)[0] == 9 else CUDA_ORDER
+    for name in order:
+        if unavailable_reason(name, q, dropout_p) is None:
+            return name
     return "sdpa"
-
-
-_CPU_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
 def cpu_kernel_applies(backend: Backend, q: torch.Tensor) -> bool:
     """Whether torch's CPU flash-attention primitives (forward + backward) can serve ``q``."""
     return (
-        backend in ("auto", "sdpa")
+        backend in ("auto", "sdpa", "sdpa-flash")
         and q.device.type == "cpu"
         and q.dtype in (torch.float32, torch.bfloat16)
         and _CPU_FWD is not None
         and _CPU_BWD is not None
     )
+
+
+_CPU_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
 def cpu_forward(q, k, v, causal: bool, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +257,55 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
         raise ValueError(f"causal attention needs seq_q == seq_k, got {q.size(1)} and {k.size(1)}")
 
 
+# ----------------------------------------------------------------------------- kernels
+Kernel = Callable[..., torch.Tensor]
+
+
+def _sdpa(q, k, v, causal: bool, scale: float | None, dropout_p: float, pin: str | None = None):
+    gqa = q.size(2) != k.size(2)
+    qt, kt, vt = _bhsd(q), _bhsd(k), _bhsd(v)
+    if pin is None:
+        out = F.scaled_dot_product_attention(
+            qt, kt, vt, is_causal=causal, scale=scale, dropout_p=dropout_p, enable_gqa=gqa
+        )
+        return _bhsd(out)
+    from torch.nn.attention import sdpa_kernel
+
+    if gqa and q.is_cuda and _sdpa_refusal(pin, qt, kt, vt, causal, dropout_p) is not None:
+        # this kernel takes no grouped keys/values here: same kernel on repeated ones
+        kt, vt = _bhsd(repeat_kv(k, q.size(2))), _bhsd(repeat_kv(v, q.size(2)))
+        gqa = False
+    with sdpa_kernel(_sdpa_backends()[pin]):
+        out = F.scaled_dot_product_attention(
+            qt, kt, vt, is_causal=causal, scale=scale, dropout_p=dropout_p, enable_gqa=gqa
+        )
+    return _bhsd(out)
+
+
+def _flash(q, k, v, causal: bool, scale: float | None, dropout_p: float) -> torch.Tensor:
+    from flash_attn import flash_attn_func  # optional GPU extra
+
+    return flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal)
+
+
+def _flash4(q, k, v, causal: bool, scale: float | None, dropout_p: float) -> torch.Tensor:
+    from flash_attn.cute import flash_attn_func  # flash-attn-4, optional
+
+    out = flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
+    return out[0] if isinstance(out, tuple) else out
+
+
+#: concrete backend -> kernel on ``[b, s, h, d]``: (q, k, v, causal, scale, dropout_p) -> out
+KERNELS: dict[str, Kernel] = {
+    "sdpa": _sdpa,
+    "cudnn": lambda *a: _sdpa(*a, pin="cudnn"),
+    "sdpa-flash": lambda *a: _sdpa(*a, pin="sdpa-flash"),
+    "efficient": lambda *a: _sdpa(*a, pin="efficient"),
+    "flash": _flash,
+    "flash4": _flash4,
+}
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -104,24 +319,9 @@ def attend(
 
     ``scale`` defaults to ``1/sqrt(head_dim)``. ``causal`` masks keys after each query (queries
     and keys are the same positions, so ``seq_q == seq_k`` is required when causal).
-    ``dropout_p`` drops attention weights (single-pass callers only).
+    ``dropout_p`` drops attention weights (single-pass callers only). ``backend`` is resolved by
+    :func:`resolve_backend` (on ``q`` alone, so every call with the same ``q`` uses one kernel).
     """
     check_qkv(q, k, v, causal)
-    if resolve_backend(backend, q) == "flash":
-        return _flash(q, k, v, causal, scale, dropout_p)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        is_causal=causal,
-        scale=scale,
-        dropout_p=dropout_p,
-        enable_gqa=q.size(2) != k.size(2),
-    )
-    return out.transpose(1, 2)
-
-
-def _flash(q, k, v, causal: bool, scale: float | None, dropout_p: float) -> torch.Tensor:
-    from flash_attn import flash_attn_func  # optional GPU extra
-
-    return flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal)
+    name = resolve_backend(backend, q, dropout_p)
+    return KERNELS[name](q, k, v, causal, scale, dropout_p)

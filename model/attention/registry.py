@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 #: the attention kernels ``model.attention_backend`` may name (``model.attention.backend``)
-Backend = Literal["auto", "flash", "sdpa"]
-BACKENDS: tuple[str, ...] = ("auto", "flash", "sdpa")
+Backend = Literal["auto", "flash", "sdpa", "cudnn", "sdpa-flash", "efficient", "flash4"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,136 @@
+"""Attention backend choice: every name resolves or fails clearly; twicing runs one kernel twice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.attention import backend as kernels
+from model.attention.backend import BACKENDS, attend, resolve_backend
+from model.attention.twicing import twicing_attention
+from model.config import ModelConfig
+from pretrain.errors import ConfigError
+
+
+def _qkv(groups: int = 2, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 16, 4, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 16, groups, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _reference(q, k, v):
+    """float64 causal softmax attention, GQA by repetition."""
+    q, k, v = (t.double() for t in (q, k, v))
+    k, v = (kernels.repeat_kv(t, q.size(2)) for t in (k, v))
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.size(-1) ** 0.5
+    s = s.masked_fill(torch.ones(q.size(1), k.size(1), dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+
+
+def test_the_names():
+    assert set(BACKENDS) == {"auto", "flash", "sdpa", "cudnn", "sdpa-flash", "efficient", "flash4"}
+    assert kernels.HOPPER_ORDER[0] == "cudnn"  # auto's first choice on Hopper (docstring)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["auto", "sdpa", "sdpa-flash"])
+def test_cpu_backends_resolve_and_match_the_reference(name, dtype):
+    q, k, v = _qkv(dtype=dtype)
+    assert resolve_backend(name, q) == ("sdpa" if name == "auto" else name)
+    out = attend(q, k, v, backend=name)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), _reference(q, k, v), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("cudnn", r"'cudnn' is torch SDPA's cuDNN kernel, which needs a CUDA device"),
+        ("efficient", r"'efficient' is torch SDPA's memory-efficient kernel, which needs a CUDA"),
+        ("flash", r"backend 'flash' needs CUDA fp16/bf16 tensors and the flash-attn package"),
+    ],
+)
+def test_cuda_only_backends_fail_clearly_on_cpu(name, message):
+    q, k, v = _qkv()
+    with pytest.raises(RuntimeError, match=message):
+        resolve_backend(name, q)
+    with pytest.raises(RuntimeError, match=message):
+        twicing_attention(q, k, v, backend=name)
+
+
+def test_flash4_names_the_missing_package():
+    if kernels.flash4_available():
+        pytest.skip("flash-attn-4 is installed here")
+    q, _, _ = _qkv(dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"'flash4' needs the flash-attn-4 package"):
+        resolve_backend("flash4", q)
+
+
+def test_unknown_backend():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="not one of"):
+        attend(q, k, v, backend="triton")  # type: ignore[arg-type]
+
+
+def test_config_accepts_every_name_and_rejects_others():
+    for name in BACKENDS:
+        assert ModelConfig(attention_backend=name).attention_backend == name
+    with pytest.raises(ConfigError, match=r"model\.attention_backend.*unknown backend 'fa3'"):
+        ModelConfig(attention_backend="fa3")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"'cudnn' cannot run neural"):
+        ModelConfig(attention="neural", attention_backend="cudnn")
+
+
+def _record(monkeypatch, names):
+    """Wrap the kernels so each call appends its backend name to the returned list."""
+    calls: list[str] = []
+    for name in names:
+        real = kernels.KERNELS[name] if name in ("sdpa", "sdpa-flash") else kernels.KERNELS["sdpa"]
+
+        def kernel(*args, _name=name, _real=real):
+            calls.append(_name)
+            return _real(*args)
+
+        monkeypatch.setitem(kernels.KERNELS, name, kernel)
+    return calls
+
+
+def test_twicing_runs_both_passes_on_one_named_backend(monkeypatch):
+    """The two-call path (float64 skips the fused CPU function), GQA: the first pass has 2
+    key/value heads, the second 4 (keys repeated to the query heads); both run one kernel."""
+    calls = _record(monkeypatch, ["sdpa", "sdpa-flash"])
+    q, k, v = (t.requires_grad_() for t in _qkv(groups=2, dtype=torch.float64))
+    out = twicing_attention(q, k, v, backend="sdpa-flash")
+    out.square().sum().backward()
+    assert calls == ["sdpa-flash", "sdpa-flash"]
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize(
+    "capability, usable, expected",
+    [((9, 0), {"cudnn", "sdpa-flash"}, "cudnn"), ((8, 0), {"cudnn", "sdpa-flash"}, "sdpa-flash")],
+)
+def test_auto_picks_one_kernel_for_both_twicing_passes(monkeypatch, capability, usable, expected):
+    """``auto`` on a (simulated) CUDA device resolves on q alone, so the GQA first pass and the
+    full-width second pass get the same kernel; Hopper prefers cuDNN."""
+    q, k, v = _qkv(groups=2, dtype=torch.bfloat16)
+    ref = twicing_attention(q.double(), k.double(), v.double(), backend="sdpa")
+    monkeypatch.setattr(kernels, "_on_cuda", lambda q: True)
+    monkeypatch.setattr(kernels, "_capability", lambda q: capability)
+    monkeypatch.setattr(
+        kernels, "unavailable_reason", lambda name, q, p=0.0: None if name in usable else "no"
+    )
+    monkeypatch.setattr(kernels, "cpu_kernel_applies", lambda backend, q: False)
+    calls = _record(monkeypatch, ["cudnn", "sdpa-flash", "efficient", "flash", "flash4"])
+    assert resolve_backend("auto", q) == expected
+    out = twicing_attention(q, k, v, backend="auto")
+    assert calls == [expected, expected]
+    torch.testing.assert_close(out.double(), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_cpu_twicing_fused_path_serves_auto_sdpa_and_sdpa_flash():
+    q, _, _ = _qkv()
+    for name in ("auto", "sdpa", "sdpa-flash"):
+        assert kernels.cpu_kernel_applies(name, q)
+    assert not kernels.cpu_kernel_applies("cudnn", q)
