@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-unit test-integration test-cluster lint bench clean
 
 install: $(VENV)/.installed
 
@@ -20,8 +20,19 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	DS_ACCELERATOR=cpu $(PY) -m pretrain.demo
 
+# every tier (what CI runs): tests/unit (in-process), tests/integration (gloo ranks, DeepSpeed),
+# tests/cluster (the Slurm sandbox)
 test: install
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q $(PYTEST_ARGS)
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+test-unit: install
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q $(PYTEST_ARGS) tests/unit
+
+test-integration: install
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q $(PYTEST_ARGS) tests/integration
+
+test-cluster: install
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q $(PYTEST_ARGS) tests/cluster
 
 lint: install
 	$(VENV)/bin/ruff check .

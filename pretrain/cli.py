@@ -2,7 +2,8 @@
 
 A ``ConfigError`` (or data_prep's ``DataPrepError``) exits 2, a ``CheckpointError`` 4, a
 ``NonFiniteError`` 3, each with one line naming the culprit and no traceback; anything else
-prints its traceback and exits 1. Imports nothing heavy.
+prints its traceback and exits 1. Known-harmless third-party warnings are silenced first
+(``pretrain.console``). Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import traceback
 from collections.abc import Callable
 
 from data_prep.errors import DataPrepError
+from pretrain.console import quiet_known_warnings
 from pretrain.errors import CheckpointError, ConfigError, ExitCode, NonFiniteError
 
 _LABELS = {
@@ -23,6 +25,7 @@ _LABELS = {
 
 def run_cli(prog: str, body: Callable[[], int | None], prefix: str = "") -> int:
     """Run ``body`` and return its exit code; ``prefix`` (e.g. ``[rank 1] ``) starts messages."""
+    quiet_known_warnings()
     try:
         return int(body() or 0)
     except (ConfigError, CheckpointError, NonFiniteError) as e:

@@ -19,7 +19,7 @@ from data_prep.errors import DataPrepError
 from data_prep.sources import Corpus, parse_corpus
 from data_prep.train_tokenizer import TokenizerOptions, train_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

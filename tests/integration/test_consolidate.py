@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: a SwiGLU (stride-2 fc1), grouped-query, untied softmax GPT with biases and padded vocabulary
 MODEL = [

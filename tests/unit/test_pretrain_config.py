@@ -15,7 +15,7 @@ from pretrain.errors import ConfigError
 from pretrain.parallel.ds_config import deepspeed_config
 from pretrain.training.lr_schedule import lr_at
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
