@@ -11,6 +11,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from model import cpu_compat
 from model.attention.first_values import FirstLayerValues
 from model.config import ModelConfig
+from model.inference.context import DecodeSlot
 from model.spec import block_spec
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swiglu": F.silu}
@@ -72,4 +73,5 @@ def build_gpt(
     )
     if first_values is not None:
         first_values.attach(model)
+    DecodeSlot().attach(model)  # forward(..., inference_context=DecodeContext) decodes
     return model

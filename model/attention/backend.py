@@ -253,8 +253,11 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
             f"query heads ({q.size(2)}) must be a multiple of key/value heads "
             f"({k.size(2)}, {v.size(2)}), and keys and values need the same head count"
         )
-    if causal and q.size(1) != k.size(1):
-        raise ValueError(f"causal attention needs seq_q == seq_k, got {q.size(1)} and {k.size(1)}")
+    if causal and q.size(1) > k.size(1):
+        raise ValueError(
+            f"causal attention needs seq_q <= seq_k (queries are the last keys), got "
+            f"{q.size(1)} and {k.size(1)}"
+        )
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -314,14 +317,35 @@ def attend(
     scale: float | None = None,
     backend: Backend = "auto",
     dropout_p: float = 0.0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``softmax(q kᵀ · scale + mask) v`` per head; returns ``[batch, seq, heads, head_dim]``.
 
-    ``scale`` defaults to ``1/sqrt(head_dim)``. ``causal`` masks keys after each query (queries
-    and keys are the same positions, so ``seq_q == seq_k`` is required when causal).
+    ``scale`` defaults to ``1/sqrt(head_dim)``. ``causal`` masks keys after each query; with
+    ``seq_q < seq_k`` the queries are the last ``seq_q`` positions (bottom-right aligned, as in
+    incremental decoding: query ``i`` at position ``seq_k − seq_q + i`` sees keys up to it).
+    ``mask`` (bool, broadcastable to ``[batch, heads, seq_q, seq_k]``, True = may attend, e.g.
+    key padding) further restricts the keys.
     ``dropout_p`` drops attention weights (single-pass callers only). ``backend`` is resolved by
     :func:`resolve_backend` (on ``q`` alone, so every call with the same ``q`` uses one kernel).
+    A masked or ``seq_q != seq_k`` call runs on SDPA with an explicit mask, except on the
+    flash-attn kernels, which align ``seq_q < seq_k`` bottom-right themselves.
     """
     check_qkv(q, k, v, causal)
     name = resolve_backend(backend, q, dropout_p)
-    return KERNELS[name](q, k, v, causal, scale, dropout_p)
+    s_q, s_k = q.size(1), k.size(1)
+    if mask is None and (s_q == s_k or not causal or name in ("flash", "flash4")):
+        return KERNELS[name](q, k, v, causal, scale, dropout_p)
+    if causal and s_q > 1:
+        tril = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(s_k - s_q)
+        mask = tril if mask is None else mask & tril
+    out = F.scaled_dot_product_attention(
+        _bhsd(q),
+        _bhsd(k),
+        _bhsd(v),
+        attn_mask=mask,
+        scale=scale,
+        dropout_p=dropout_p,
+        enable_gqa=q.size(2) != k.size(2),
+    )
+    return _bhsd(out)

@@ -5,6 +5,12 @@ this rank's heads as ``[seq, batch, heads_per_partition, head_dim]``. Heads are 
 across tensor-parallel ranks, so nothing here communicates. Subclasses supply ``attention`` on
 ``[batch, seq, heads, head_dim]`` tensors (plus any extra inputs from ``extra_inputs``); masks,
 layout, selective recompute and the first layer's values live here.
+
+Incremental decoding (``model.inference``): when the model's forward got an
+``inference_context``, megatron hands us the new queries and the whole K/V cache
+(``seq_q <= seq_k``); ``decode`` then runs with bottom-right causal masking plus the context's
+left-padding mask. Variants whose output is a function of (new q, cached K, cached V) need
+nothing more; twicing overrides ``decode`` to keep its O1 cache.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from model.attention.backend import Backend, repeat_kv
 from model.attention.first_values import FirstLayerValues
 from model.attention.registry import AttentionVariant, variant
+from model.inference.context import DecodeContext, DecodeSlot
 
 _CAUSAL = {AttnMaskType.causal: True, AttnMaskType.no_mask: False}
 
@@ -75,6 +82,8 @@ class CoreAttention(MegatronModule):
             )
         if self.VARIANT.uses_first_values and first_values is None:
             raise ValueError(f"{type(self).__name__} needs the model's FirstLayerValues holder")
+        #: set by ``DecodeSlot.attach`` (``build_gpt``): the current forward's inference context
+        self.decode_slot: DecodeSlot | None = None
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1 / math.sqrt(head_dim)
 
@@ -86,9 +95,27 @@ class CoreAttention(MegatronModule):
         """Tensors this variant needs beyond q, k, v (``[b, s, ...]`` layout)."""
         return ()
 
-    def attention(self, q, k, v, causal: bool, *extra: torch.Tensor) -> torch.Tensor:
-        """The variant's math on ``[batch, seq, heads, head_dim]``; returns that shape."""
+    def attention(
+        self, q, k, v, causal: bool, *extra: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The variant's math on ``[batch, seq, heads, head_dim]``; returns ``q``'s shape.
+
+        ``seq_q <= seq_k``: the queries are the last positions (bottom-right causal); ``mask``
+        (bool ``[b, 1, s_q, s_k]``, True = may attend) hides padding keys."""
         raise NotImplementedError
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ctx: DecodeContext,
+        mask: torch.Tensor | None,
+        *extra: torch.Tensor,
+    ) -> torch.Tensor:
+        """One incremental step: ``q`` holds the new positions, ``k``/``v`` (and ``extra``) the
+        whole cache including them. Default: the variant's math over the cache."""
+        return self.attention(q, k, v, True, *extra, mask=mask)
 
     def attention_logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Unmasked logits ``[b, h, s_q, s_k]`` of the softmax map ``A`` this variant uses
@@ -125,7 +152,14 @@ class CoreAttention(MegatronModule):
             self.first_values.put(v)
         extra = self.extra_inputs(v)
         causal = _CAUSAL[mask_type]
-        if self.recompute and self.training and torch.is_grad_enabled():
+        ctx = self.decode_slot.context if self.decode_slot is not None else None
+        if ctx is not None:
+            # megatron passes no_mask once the cache is non-empty; our layers stay causal
+            if not _CAUSAL[self.attn_mask_type]:
+                raise ValueError("incremental decoding needs causal attention layers")
+            mask = ctx.key_mask(q.size(0), q.size(1), k.size(1), q.device)
+            out = self.decode(q, k, v, ctx, mask, *extra)
+        elif self.recompute and self.training and torch.is_grad_enabled():
             out = torch.utils.checkpoint.checkpoint(
                 self.attention, q, k, v, causal, *extra, use_reentrant=False
             )

@@ -8,6 +8,9 @@ Its weights are per head (``[heads, ...]``), so tensor parallelism splits them w
 (``partition_dim=0``) and no TP communication is needed. They are drawn for all heads from the
 global RNG and sliced, so every TP size builds the same model. Memory is O(b·h·s²·d′): use it in
 few layers (the reference: layer 0 only).
+
+Decoding: megatron caches K and V; each step scores the new queries against every cached key
+(O(n·d′) per token and layer), with bottom-right causal masking.
 """
 
 from __future__ import annotations
@@ -50,14 +53,19 @@ def neural_scores(q, k, w: NeuralScorer) -> torch.Tensor:
     return torch.einsum("bhijg,hg->bhij", hidden, w.w3)
 
 
-def neural_attention(q, k, v, w: NeuralScorer, *, causal: bool = True):
-    """Pairwise-MLP attention scores, softmax, ``·V`` (no flash kernel, no ``1/√d``)."""
+def neural_attention(q, k, v, w: NeuralScorer, *, causal: bool = True, mask=None):
+    """Pairwise-MLP attention scores, softmax, ``·V`` (no flash kernel, no ``1/√d``).
+
+    Queries are the last ``seq_q`` of the ``seq_k`` positions; ``mask`` (bool, True = may
+    attend) hides padding keys."""
     v = repeat_kv(v, q.size(2))
     scores = neural_scores(q, k, w)
     if causal:
-        s = q.size(1)
-        mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(mask, float("-inf"))
+        s_q, s_k = q.size(1), k.size(1)
+        future = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).triu(s_k - s_q + 1)
+        scores = scores.masked_fill(future, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.float().softmax(dim=-1).to(v.dtype)
     return torch.einsum("bhij,bjhd->bihd", probs, v)
 
@@ -104,8 +112,8 @@ class NeuralCoreAttention(CoreAttention, name="neural"):
     def _scorer(self) -> NeuralScorer:
         return NeuralScorer(**{name: getattr(self, name) for name in _SHAPES})
 
-    def attention(self, q, k, v, causal, *extra):
-        return neural_attention(q, k, v, self._scorer(), causal=causal)
+    def attention(self, q, k, v, causal, *extra, mask=None):
+        return neural_attention(q, k, v, self._scorer(), causal=causal, mask=mask)
 
     def attention_logits(self, q, k):
         return neural_scores(q, k, self._scorer())

@@ -5,6 +5,24 @@ Computed as two passes of the same attention kernel, ``o1 = attend(q, k, v)`` an
 explicit ``A @ A``. A causal A is lower-triangular, so A² is causal too. This module is the
 single seam where a fused kernel (one softmax-gradient for both passes) can later replace the
 two-pass composition without touching the model.
+
+Incremental decoding with a first-pass cache (exact, O(1) work per cached position and token).
+With causal A (``A_tj = 0`` for ``j > t``) and ``o1 = AV``::
+
+    out_t = ((2A − A²) V)_t = 2·(AV)_t − Σ_j A_tj (AV)_j = 2·o1_t − Σ_{j≤t} A_tj·o1_j
+
+``o1_j = Σ_{i≤j} A_ji v_i`` depends only on positions ``≤ j``: once computed it never changes
+as tokens are appended (row ``j`` of a causal softmax sees no later key). So each twicing layer
+caches K, V (megatron's cache, at query-group width) and O1 (ours, at query-head width: the
+values of the second pass are per query head, also under GQA). A step with new queries
+``q_new`` at positions ``n..n+s−1`` is two reads of the cache with the same bottom-right causal
+(and padding) mask::
+
+    o1_new = attend(q_new, K[:n+s], V[:n+s]);  O1[n:n+s] = o1_new
+    out    = 2·o1_new − attend(q_new, K[:n+s], O1[:n+s])
+
+— the second pass is exactly ``Σ_{j≤t} A_tj·o1_j`` because it uses the same scores ``q·kᵀ``.
+Prefill is the same step with ``n = 0``; a chunked prefill is several steps.
 """
 
 from __future__ import annotations
@@ -24,21 +42,29 @@ def twicing_attention(
     causal: bool = True,
     softmax_scale: float | None = None,
     backend: Backend = "auto",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(2A − A²)V`` on ``[batch, seq, heads, head_dim]``; ``k``/``v`` may have fewer heads (GQA).
 
-    Rows of ``2A − A²`` sum to one but may hold negative weights: nothing is clamped.
+    Rows of ``2A − A²`` sum to one but may hold negative weights: nothing is clamped. ``mask``
+    (bool, True = may attend) hides padding keys in both passes.
     """
-    if kernels.cpu_kernel_applies(backend, q):
+    if mask is None and q.size(1) == k.size(1) and kernels.cpu_kernel_applies(backend, q):
         kernels.check_qkv(q, k, v, causal)
         out = _TwoPassCPU.apply(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, softmax_scale
         )
         return out.transpose(1, 2)
-    o1 = attend(q, k, v, causal=causal, scale=softmax_scale, backend=backend)
-    # The second pass uses o1 (query-head width) as values, so keys must be at that width too.
-    o2 = attend(q, repeat_kv(k, q.size(2)), o1, causal=causal, scale=softmax_scale, backend=backend)
-    return torch.lerp(o2, o1, 2.0)  # o2 + 2·(o1 − o2) = 2·o1 − o2, one kernel
+    o1 = attend(q, k, v, causal=causal, scale=softmax_scale, backend=backend, mask=mask)
+    return _second_pass(q, k, o1, o1, causal, softmax_scale, backend, mask)
+
+
+def _second_pass(q, k, o1_new, o1_all, causal, scale, backend, mask) -> torch.Tensor:
+    """``2·o1_new − A·o1_all``. The values are o1 (query-head width), so keys must be too."""
+    o2 = attend(
+        q, repeat_kv(k, q.size(2)), o1_all, causal=causal, scale=scale, backend=backend, mask=mask
+    )
+    return torch.lerp(o2, o1_new, 2.0)  # o2 + 2·(o1 − o2) = 2·o1 − o2, one kernel
 
 
 class _TwoPassCPU(torch.autograd.Function):
@@ -77,7 +103,20 @@ class _TwoPassCPU(torch.autograd.Function):
 class TwicingCoreAttention(CoreAttention, name="twicing"):
     """Twicing attention ``(2A − A²)V`` as two passes of the same kernel (no dropout)."""
 
-    def attention(self, q, k, v, causal, *extra):
+    def attention(self, q, k, v, causal, *extra, mask=None):
         return twicing_attention(
-            q, k, v, causal=causal, softmax_scale=self.softmax_scale, backend=self.backend
+            q,
+            k,
+            v,
+            causal=causal,
+            softmax_scale=self.softmax_scale,
+            backend=self.backend,
+            mask=mask,
         )
+
+    def decode(self, q, k, v, ctx, mask, *extra):
+        """One step over the cache: pass 1 on (K, V), append o1 to O1, pass 2 on (K, O1)."""
+        scale, backend = self.softmax_scale, self.backend
+        o1 = attend(q, k, v, causal=True, scale=scale, backend=backend, mask=mask)
+        o1_all = ctx.append(self.layer_number, "o1", o1)
+        return _second_pass(q, k, o1, o1_all, True, scale, backend, mask)

@@ -10,6 +10,11 @@ Math, on ``[batch, seq, heads, head_dim]`` tensors:
 Values may carry fewer heads than queries (GQA); they are expanded to the query heads where a
 formula mixes them with per-query-head quantities. In layer 0 the modules behave as softmax
 attention (and layer 0 provides ``V¹`` through the model's ``FirstLayerValues``).
+
+Decoding: layer 0's V cache (megatron's) *is* the ``V¹`` cache. Each step layer 0 puts its whole
+cached V into ``FirstLayerValues`` and later layers read it beside their own cached V, so the
+functions below see ``seq_q <= seq_k``: NeuTRENO's residual uses the rows of the new positions
+(the last ``seq_q``), ResFormer/SVFormer attend over the mixed values of the whole cache.
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ def neutreno_attention(
     causal: bool = True,
     softmax_scale: float | None = None,
     backend: Backend = "auto",
+    mask=None,
 ):
-    """``A V + λ (V⁰ − V)`` per head (``v_first`` has ``v``'s shape)."""
-    out = attend(q, k, v, causal=causal, scale=softmax_scale, backend=backend)
-    heads = q.size(2)
-    return out + lam * (repeat_kv(v_first, heads) - repeat_kv(v, heads))
+    """``A V + λ (V⁰ − V)`` per head (``v_first`` has ``v``'s shape; queries are the last
+    ``seq_q`` of its positions)."""
+    out = attend(q, k, v, causal=causal, scale=softmax_scale, backend=backend, mask=mask)
+    heads, s_q = q.size(2), q.size(1)
+    own = v_first[:, -s_q:], v[:, -s_q:]
+    return out + lam * (repeat_kv(own[0], heads) - repeat_kv(own[1], heads))
 
 
 def value_residual_attention(
@@ -46,29 +54,32 @@ def value_residual_attention(
     causal: bool = True,
     softmax_scale: float | None = None,
     backend: Backend = "auto",
+    mask=None,
 ):
     """ResFormer: ``A (λ₁ V₁ + λ₂ V)``; SVFormer is ``lam_first=1, lam_own=0``."""
     mixed = v_first * lam_first if lam_own == 0 else lam_first * v_first + lam_own * v
-    return attend(q, k, mixed, causal=causal, scale=softmax_scale, backend=backend)
+    return attend(q, k, mixed, causal=causal, scale=softmax_scale, backend=backend, mask=mask)
 
 
 class _FirstValueAttention(CoreAttention):
     def extra_inputs(self, value):
         return () if self.is_first_layer else (self.first_values.get(),)
 
-    def attention(self, q, k, v, causal, *extra):
+    def attention(self, q, k, v, causal, *extra, mask=None):
         if not extra:  # layer 0: plain attention, it is the source of V¹
-            return attend(q, k, v, causal=causal, scale=self.softmax_scale, backend=self.backend)
-        return self.mix(q, k, v, extra[0], causal)
+            return attend(
+                q, k, v, causal=causal, scale=self.softmax_scale, backend=self.backend, mask=mask
+            )
+        return self.mix(q, k, v, extra[0], causal, mask)
 
-    def mix(self, q, k, v, v_first, causal):
+    def mix(self, q, k, v, v_first, causal, mask=None):
         raise NotImplementedError
 
 
 class NeuTRENOCoreAttention(_FirstValueAttention, name="neutreno"):
     """``A V + λ (V¹ − V)`` (NeuTRENO; λ = 0.4 in the reference LM)."""
 
-    def mix(self, q, k, v, v_first, causal):
+    def mix(self, q, k, v, v_first, causal, mask=None):
         return neutreno_attention(
             q,
             k,
@@ -78,13 +89,14 @@ class NeuTRENOCoreAttention(_FirstValueAttention, name="neutreno"):
             causal=causal,
             softmax_scale=self.softmax_scale,
             backend=self.backend,
+            mask=mask,
         )
 
 
 class ResFormerCoreAttention(_FirstValueAttention, name="resformer"):
     """Value residual: attend over ``λ₁ V¹ + λ₂ V`` (ResFormer; 0.5/0.5)."""
 
-    def mix(self, q, k, v, v_first, causal):
+    def mix(self, q, k, v, v_first, causal, mask=None):
         return value_residual_attention(
             q,
             k,
@@ -95,6 +107,7 @@ class ResFormerCoreAttention(_FirstValueAttention, name="resformer"):
             causal=causal,
             softmax_scale=self.softmax_scale,
             backend=self.backend,
+            mask=mask,
         )
 
 
@@ -102,7 +115,7 @@ class SVFormerCoreAttention(_FirstValueAttention, name="svformer"):
     """Single value: every layer attends over ``V¹`` (SVFormer). Layers ≥ 1 still compute their own
     value projection inside megatron's fused QKV; it is unused (zero gradient)."""
 
-    def mix(self, q, k, v, v_first, causal):
+    def mix(self, q, k, v, v_first, causal, mask=None):
         return value_residual_attention(
             q,
             k,
@@ -113,4 +126,5 @@ class SVFormerCoreAttention(_FirstValueAttention, name="svformer"):
             causal=causal,
             softmax_scale=self.softmax_scale,
             backend=self.backend,
+            mask=mask,
         )
