@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from pretrain.config import load_config
+from pretrain.errors import ExitCode
 from pretrain.local_launch import launch
 
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if Path(made).resolve() != manifest.resolve():
         print(f"[demo] data_prep wrote {made}, but the config expects {manifest}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
 
     train = ["-m", "pretrain.train", "--config", args.config, *args.overrides]
     half = cfg.training.train_steps // 2
@@ -57,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     code = launch(args.nproc, [*train, f"training.exit_at_step={half}"])
-    if code not in (0, 75):
+    if code not in (ExitCode.OK, ExitCode.RESUMABLE):
         return code
     print("[demo] phase 2: resume from the latest checkpoint and finish", flush=True)
     code = launch(args.nproc, train)
-    if code != 0:
+    if code != ExitCode.OK:
         return code
 
     print("[demo] evaluating the final checkpoint on WikiText-2 valid", flush=True)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.wikitext:
         evaluate += ["--wikitext", args.wikitext]
     code = launch(1, evaluate)
-    if code != 0:
+    if code != ExitCode.OK:
         return code
     report = json.loads(out.read_text())
     print(f"[demo] done in {time.monotonic() - t0:.0f}s")

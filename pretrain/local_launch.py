@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from pretrain.errors import ExitCode
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -52,18 +54,18 @@ def launch(nproc: int, command: list[str], grace_s: float = 30.0) -> int:
         for i, p in enumerate(procs):
             if i not in codes and p.poll() is not None:
                 codes[i] = p.returncode
-                if p.returncode not in (0, 75) and failed_at is None:
+                if p.returncode not in (ExitCode.OK, ExitCode.RESUMABLE) and failed_at is None:
                     failed_at = time.monotonic()
         if failed_at is not None and time.monotonic() - failed_at > grace_s:
             for i, p in enumerate(procs):
                 if i not in codes:
                     p.kill()
         time.sleep(0.1)
-    nonzero = [c for c in codes.values() if c != 0]
+    nonzero = [c for c in codes.values() if c != ExitCode.OK]
     if not nonzero:
-        return 0
-    hard = [c for c in nonzero if c != 75]
-    return hard[0] if hard else 75
+        return ExitCode.OK
+    hard = [c for c in nonzero if c != ExitCode.RESUMABLE]
+    return hard[0] if hard else ExitCode.RESUMABLE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["--nproc", argv[0].split("=", 1)[1], *argv[1:]]
     if len(argv) < 3 or argv[0] != "--nproc" or not argv[1].isdigit() or int(argv[1]) < 1:
         print(usage, file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     command = argv[2:]
     if command[0] == "--":
         command = command[1:]
