@@ -1,30 +1,6 @@
-"""Export a softmax-attention checkpoint as a Hugging Face ``transformers`` model.
-
-``python -m pretrain.export_hf --checkpoint RUN_DIR|step_dir|model.pt --out DIR [--dtype bf16]``
-
-The architecture follows the model config (every layer must use softmax attention):
-
-* **Llama** (``LlamaForCausalLM``): RoPE (non-interleaved, rotate-half — megatron-core's default
-  and HF's), RMSNorm, SwiGLU, with or without linear biases (``attention_bias``/``mlp_bias``),
-  GQA as ``num_key_value_heads``;
-* **GPT-2** (``GPT2LMHeadModel``): learned absolute positions, LayerNorm, GELU (exact erf,
-  ``activation_function="gelu"``) or ReLU; a model without linear biases gets zero biases and a
-  GQA model has its key/value heads repeated (both exact).
-
-Other combinations, and any model with a twicing (or other non-softmax) layer, are refused: no
-standard architecture computes them. Weights are the TP=1 merge of the checkpoint; the
-vocabulary keeps megatron's padded size (``model.padded_vocab_size``) so logits and the softmax
-normaliser are those of the trained model; embeddings stay tied when they were.
-
-``DIR`` then holds ``config.json``, ``generation_config.json``, ``model.safetensors``, the run's
-sentencepiece model ``tokenizer.model`` (token ids are exactly ``sp.encode(text)``), and —
-when the sentencepiece model is a BPE with identity normalisation (what ``data_prep`` trains) —
-``tokenizer.json`` + ``tokenizer_config.json`` reproducing those ids, verified at export time, so
-``AutoTokenizer.from_pretrained(DIR)`` works; ``twicing_export.json`` records the source
-checkpoint. Load offline with ``AutoModelForCausalLM.from_pretrained(DIR)``.
-
-Exit codes: 0 done, 2 not exportable / bad arguments, 4 missing or damaged checkpoint.
-"""
+"""Export a twicing-lm checkpoint as a Hugging Face ``transformers`` model (the usage, the
+architectures and the output layout are in ``pretrain.export_hf``): pick the architecture,
+convert the TP=1 weights through its adapter, write the model, tokenizer and metadata."""
 
 from __future__ import annotations
 
