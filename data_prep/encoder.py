@@ -126,6 +126,11 @@ class DocumentEncoder:
                 and spec.add_dummy_prefix
                 and not spec.remove_extra_whitespaces
             )
+            self._wall_ids = self._find_walls(proto)
+            self._is_wall = np.zeros(len(pieces), dtype=bool)
+            self._is_wall[list(self._wall_ids.values())] = True
+            space = " " if self._identity else WS
+            self._wall_splits = [(w, space + w) for w in self._wall_ids]
             self._reset_cache()
 
     # ----------------------------------------------------------------------------------- public
@@ -155,15 +160,37 @@ class DocumentEncoder:
 
     # ------------------------------------------------------------------------------- segments
     def _reset_cache(self) -> None:
-        # segment -> row of the store; row 0 is EOD (key None); heads (text before the first WS
-        # when the normaliser adds no prefix) are stored under 1-tuples.
-        self._cache: dict = {None: 0}
+        # key -> row of the store; row 0 is EOD (key None). A str key k is the segment WS + k, or
+        # k itself when it starts with a wall; a 1-tuple is a head (text before the first WS when
+        # the normaliser adds no prefix).
+        self._cache = _SegmentCache()
+        self._cache[None] = 0
         self._tok = np.empty(1 << 16, dtype=np.int32)
         self._tok[0] = self.eod
         self._ntok = 1
         self._start = np.zeros(1 << 12, dtype=np.int64)
         self._len = np.ones(1 << 12, dtype=np.int64)
-        self._nseg = 1
+
+    @staticmethod
+    def _find_walls(proto) -> dict[str, int]:
+        """Walls: one-character pieces that no merge can reach, so that text splits exactly at
+        them. A user-defined piece is never merged (SentencePiece freezes the prefix matcher's
+        matches), so it is a wall when no other user-defined piece contains it; a normal one is a
+        wall when no other piece of any kind contains it."""
+        contained: set[str] = set()
+        user = [p.piece for p in proto.pieces if p.type == _USER_DEFINED]
+        for p in proto.pieces:
+            if len(p.piece) > 1:
+                contained.update(p.piece)
+        walls: dict[str, int] = {}
+        for i, p in enumerate(proto.pieces):
+            c = p.piece
+            if len(c) != 1 or c in (WS, " ") or p.type not in (_NORMAL, _USER_DEFINED):
+                continue
+            in_user = any(c in u for u in user if u != c)
+            if not in_user and (p.type == _USER_DEFINED or c not in contained):
+                walls[c] = i
+        return walls
 
     def _segments(self, text: str) -> list:
         """The cache keys of one document (empty if it encodes to nothing), EOD excluded."""
@@ -172,10 +199,16 @@ class DocumentEncoder:
                 return []
             if WS in text:
                 text = text.replace(WS, " ")
-            return text.split(" ")  # part p is the segment WS + p
+            for wall, split_wall in self._wall_splits:  # each wall starts a key of its own
+                if wall in text:
+                    text = text.replace(wall, split_wall)
+            return text.split(" ")  # part p is the segment WS + p (p itself if it starts a wall)
         norm = self.sp.normalize(text)
         if not norm:
             return []
+        for wall, _ in self._wall_splits:
+            if wall in norm:
+                norm = norm.replace(wall, WS + wall)
         parts = norm.split(WS)
         if parts[0]:
             parts[0] = (parts[0],)
@@ -184,7 +217,9 @@ class DocumentEncoder:
         return parts
 
     def _encode_segments(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        keys: list = []
+        if len(self._cache) > self.max_cache:
+            self._reset_cache()
+        docs: list[list] = []
         nkeys = np.zeros(len(texts), dtype=np.int64)
         for i, text in enumerate(texts):
             try:
@@ -192,79 +227,117 @@ class DocumentEncoder:
             except UnicodeEncodeError as e:
                 raise DataPrepError(f"document {i} of the batch is not valid Unicode: {e}") from e
             if seg:
-                keys += seg
-                keys.append(None)
-                nkeys[i] = len(seg) + 1
-        if not keys:
+                seg.append(None)
+                docs.append(seg)
+                nkeys[i] = len(seg)
+        n = int(nkeys.sum())
+        if not n:
             return np.zeros(0, np.int32), nkeys
-        n = len(keys)
-        first: dict = {}  # key -> index of its first occurrence; one C-level pass over the keys
-        occurrence = np.fromiter(map(first.setdefault, keys, range(n)), np.int64, n)
-        if len(self._cache) + len(first) > self.max_cache:
-            self._reset_cache()
-        unseen = first.keys() - self._cache.keys()
-        if unseen:
-            self._add(list(unseen))
-        rows = np.fromiter(map(self._cache.__getitem__, first), np.int64, len(first))
-        row_at = np.empty(n, dtype=np.int64)
-        row_at[np.fromiter(first.values(), np.int64, len(first))] = rows
-        seg_rows = row_at[occurrence]
-        lens = self._len[seg_rows]
-        ends = np.cumsum(lens)
-        total = int(ends[-1])
-        idx = np.arange(total, dtype=np.int64)
-        idx += np.repeat(self._start[seg_rows] - (ends - lens), lens)
-        ids = self._tok[idx]
-        key_ends = np.cumsum(nkeys)
-        tok_ends = np.concatenate(([0], ends))[key_ends]
+        # one C-level pass: a known key gives its row; an unseen one is given the next row and
+        # queued (_SegmentCache.__missing__), and encoded below before any row is read
+        rows = np.fromiter(map(self._cache.__getitem__, chain.from_iterable(docs)), np.int64, n)
+        if self._cache.pending:
+            try:
+                self._fill_pending()
+            except UnicodeEncodeError as e:
+                bad = next(i for i, t in enumerate(texts) if _not_utf8(t))
+                raise DataPrepError(f"document {bad} of the batch is not valid Unicode: {e}") from e
+        ids, ends = self._gather(rows)
+        tok_ends = np.concatenate(([0], ends))[np.cumsum(nkeys)]
         doc_lens = np.diff(np.concatenate(([0], tok_ends)))
         return ids, doc_lens
 
-    def _add(self, unseen: list) -> None:
-        """Encode unseen segments and append them to the store."""
-        words = [k for k in unseen if isinstance(k, str)]
-        heads = [k for k in unseen if not isinstance(k, str)]
-        chunks, chunk, size = [], [], 0
-        for w in words:
-            chunk.append(w)
-            size += len(w) + 1
-            if size >= _JOIN_CHARS:
-                chunks.append(chunk)
-                chunk, size = [], 0
-        if chunk:
-            chunks.append(chunk)
-        encoded = self._raw.encode([WS + WS.join(c) for c in chunks], num_threads=self.num_threads)
-        pieces, lengths = [], []
-        for c, ids in zip(chunks, encoded, strict=True):
-            ids = np.asarray(ids, dtype=np.int32)
-            starts = np.flatnonzero(self._starts_ws[ids])
-            if len(starts) != len(c) or (len(ids) and starts[0] != 0):
-                raise _BrokenInvariant(f"{len(c)} segments gave {len(starts)} word starts")
-            pieces.append(ids)
-            lengths.append(np.diff(np.append(starts, len(ids))))
-        for h in heads:
-            ids = np.asarray(self._raw.encode(h[0]), dtype=np.int32)
-            pieces.append(ids)
-            lengths.append(np.array([len(ids)], dtype=np.int64))
-        self._append(unseen_order=words + heads, ids=pieces, lens=lengths)
+    def _gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The stored ids of ``rows`` concatenated, and each row's end offset in them."""
+        lens = self._len[rows]
+        ends = np.cumsum(lens)
+        idx = np.arange(int(ends[-1]), dtype=np.int64)
+        idx += np.repeat(self._start[rows] - (ends - lens), lens)
+        return self._tok[idx], ends
 
-    def _append(self, unseen_order: list, ids: list[np.ndarray], lens: list[np.ndarray]) -> None:
-        flat = np.concatenate(ids) if ids else np.zeros(0, np.int32)
-        seg_lens = np.concatenate(lens).astype(np.int64)
-        n, m = len(seg_lens), len(flat)
+    def _fill_pending(self) -> None:
+        """Encode the queued keys into the store, at the rows the cache gave them."""
+        cache = self._cache
+        pending, cache.pending = cache.pending, []
+        first = len(cache) - len(pending)  # rows are handed out in order
+        if len(cache) > len(self._start):
+            self._start = _grow(self._start, len(cache))
+            self._len = _grow(self._len, len(cache))
+        walls = self._wall_ids
+        words, walled, heads = [], [], []  # (key, row): WS + key, key as is, head as is
+        for item in zip(pending, range(first, len(cache)), strict=True):
+            key = item[0]
+            if not isinstance(key, str):
+                heads.append(item)
+            elif key[:1] in walls:
+                walled.append(item)
+            else:
+                words.append(item)
+        # joined many to a C++ call, then split back where each key's first piece stands: a
+        # WS-initial piece for words, a wall piece for walled keys (walls occur only there)
+        for group, prefix, marks in ((words, WS, self._starts_ws), (walled, "", self._is_wall)):
+            for chunk in _chunks(group):
+                keys = [k for k, _ in chunk]
+                ids = np.asarray(self._raw.encode(prefix + prefix.join(keys)), dtype=np.int32)
+                at = np.flatnonzero(marks[ids])
+                if len(at) != len(keys) or (len(ids) and at[0] != 0):
+                    raise _BrokenInvariant(f"{len(keys)} segments gave {len(at)} starts")
+                rows = np.fromiter((r for _, r in chunk), np.int64, len(chunk))
+                self._store(rows, ids, np.diff(np.append(at, len(ids))))
+        if heads:
+            encoded = self._raw.encode([k[0] for k, _ in heads], num_threads=self.num_threads)
+            lens = np.fromiter(map(len, encoded), np.int64, len(encoded))
+            ids = np.fromiter(chain.from_iterable(encoded), np.int32, int(lens.sum()))
+            self._store(np.fromiter((r for _, r in heads), np.int64, len(heads)), ids, lens)
+
+    def _store(self, rows: np.ndarray, ids: np.ndarray, lens: np.ndarray) -> None:
+        """Append ``ids`` (the keys of ``rows``, ``lens`` ids each) to the store."""
+        m = len(ids)
         if self._ntok + m > len(self._tok):
             self._tok = _grow(self._tok, self._ntok + m)
-        if self._nseg + n > len(self._start):
-            self._start = _grow(self._start, self._nseg + n)
-            self._len = _grow(self._len, self._nseg + n)
-        self._tok[self._ntok : self._ntok + m] = flat
-        starts = np.zeros(n, dtype=np.int64)
-        np.cumsum(seg_lens[:-1], out=starts[1:])
-        self._start[self._nseg : self._nseg + n] = starts + self._ntok
-        self._len[self._nseg : self._nseg + n] = seg_lens
-        self._cache.update(zip(unseen_order, range(self._nseg, self._nseg + n), strict=True))
+        self._tok[self._ntok : self._ntok + m] = ids
+        starts = np.zeros(len(lens), dtype=np.int64)
+        np.cumsum(lens[:-1], out=starts[1:])
+        self._start[rows] = starts + self._ntok
+        self._len[rows] = lens
         self._ntok += m
-        self._nseg += n
+
+
+class _SegmentCache(dict):
+    """Segment key -> row of the token store. An unseen key is given the next row at lookup and
+    queued in ``pending`` (its ids are filled in before any row is read)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list = []
+
+    def __missing__(self, key) -> int:
+        row = len(self)
+        self[key] = row
+        self.pending.append(key)
+        return row
+
+
+def _chunks(group: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
+    """Consecutive runs of ``(key, row)`` of about ``_JOIN_CHARS`` characters (one C++ call)."""
+    chunks, chunk, size = [], [], 0
+    for w in group:
+        chunk.append(w)
+        size += len(w[0]) + 1
+        if size >= _JOIN_CHARS:
+            chunks.append(chunk)
+            chunk, size = [], 0
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
+def _not_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 class _BrokenInvariant(RuntimeError):
