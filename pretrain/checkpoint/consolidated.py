@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pretrain import atomic
+from pretrain.checkpoint.layout import torch_save
 from pretrain.checkpoint.state import TrainerState
 from pretrain.errors import CheckpointError
 
@@ -61,7 +61,7 @@ def save(
         ),
     }
     out = Path(out)
-    atomic.torch_save(payload, out, fsync=True)
+    torch_save(payload, out, fsync=True)
     return out
 
 

@@ -20,6 +20,7 @@ next save of that tag or pruning removes it).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 
 import xxhash
 
+from data_prep.atomic import write_bytes
 from pretrain.checkpoint.state import TrainerState
 from pretrain.errors import CheckpointError
 
@@ -104,3 +106,12 @@ def verify_files(tag_dir: Path, names: list[str] | None = None) -> list[str]:
         elif file_digest(path)["xxh3_128"] != expected["xxh3_128"]:
             problems.append(f"{path}: checksum mismatch (corrupted)")
     return problems
+
+
+def torch_save(obj: Any, path: Path, fsync: bool = False) -> None:
+    """``torch.save`` to ``path`` atomically (the checkpoint's RNG files, consolidated files)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getvalue(), fsync)

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pretrain import atomic, faults
+from data_prep import atomic
+from pretrain import faults
 from pretrain.checkpoint import reshard
 from pretrain.checkpoint.layout import (
     _TAG_PREFIX,
@@ -28,6 +29,7 @@ from pretrain.checkpoint.layout import (
     read_state,
     step_of,
     tag_of,
+    torch_save,
     verify_files,
 )
 from pretrain.checkpoint.state import TrainerState
@@ -76,7 +78,7 @@ class CheckpointManager:
         engine.save_checkpoint(
             str(self.root), tag=tag, client_state=client_state, save_latest=False
         )
-        atomic.torch_save(rng_state, tag_dir / "rng" / f"rank_{self.rank:05d}.pt", fsync=self.fsync)
+        torch_save(rng_state, tag_dir / "rng" / f"rank_{self.rank:05d}.pt", fsync=self.fsync)
         if self.rank == 0:
             atomic.write_text(
                 tag_dir / STATE, json.dumps(state.to_json(), indent=1, sort_keys=True), self.fsync

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 import xxhash
 
-from pretrain import atomic
+from data_prep import atomic
 from pretrain.checkpoint.layout import (
     CHECKSUMS,
     MARKER,

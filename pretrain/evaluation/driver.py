@@ -192,7 +192,7 @@ def default_out(report: dict, args) -> Path:
 
 
 def write_outputs(report: dict, args) -> Path:
-    from pretrain import atomic
+    from data_prep import atomic
     from pretrain.evaluation.plot import plot_curves
 
     out = args.out or default_out(report, args)
