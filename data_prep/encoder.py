@@ -129,6 +129,7 @@ class DocumentEncoder:
             self._wall_ids = self._find_walls(proto)
             self._is_wall = np.zeros(len(pieces), dtype=bool)
             self._is_wall[list(self._wall_ids.values())] = True
+            self._ws_id = self.sp.piece_to_id(WS)
             space = " " if self._identity else WS
             self._wall_splits = [(w, space + w) for w in self._wall_ids]
             self._reset_cache()
@@ -259,36 +260,51 @@ class DocumentEncoder:
         """Encode the queued keys into the store, at the rows the cache gave them."""
         cache = self._cache
         pending, cache.pending = cache.pending, []
-        first = len(cache) - len(pending)  # rows are handed out in order
+        rows = np.arange(len(cache) - len(pending), len(cache))  # rows are handed out in order
         if len(cache) > len(self._start):
             self._start = _grow(self._start, len(cache))
             self._len = _grow(self._len, len(cache))
-        walls = self._wall_ids
-        words, walled, heads = [], [], []  # (key, row): WS + key, key as is, head as is
-        for item in zip(pending, range(first, len(cache)), strict=True):
-            key = item[0]
-            if not isinstance(key, str):
-                heads.append(item)
-            elif key[:1] in walls:
-                walled.append(item)
-            else:
-                words.append(item)
-        # joined many to a C++ call, then split back where each key's first piece stands: a
-        # WS-initial piece for words, a wall piece for walled keys (walls occur only there)
-        for group, prefix, marks in ((words, WS, self._starts_ws), (walled, "", self._is_wall)):
-            for chunk in _chunks(group):
-                keys = [k for k, _ in chunk]
-                ids = np.asarray(self._raw.encode(prefix + prefix.join(keys)), dtype=np.int32)
-                at = np.flatnonzero(marks[ids])
-                if len(at) != len(keys) or (len(ids) and at[0] != 0):
-                    raise _BrokenInvariant(f"{len(keys)} segments gave {len(at)} starts")
-                rows = np.fromiter((r for _, r in chunk), np.int64, len(chunk))
-                self._store(rows, ids, np.diff(np.append(at, len(ids))))
-        if heads:
-            encoded = self._raw.encode([k[0] for k, _ in heads], num_threads=self.num_threads)
-            lens = np.fromiter(map(len, encoded), np.int64, len(encoded))
-            ids = np.fromiter(chain.from_iterable(encoded), np.int32, int(lens.sum()))
-            self._store(np.fromiter((r for _, r in heads), np.int64, len(heads)), ids, lens)
+        if self._identity:  # no heads
+            self._encode_keys(pending, rows)
+            return
+        head = np.fromiter((type(k) is tuple for k in pending), bool, len(pending))
+        if not head.any():
+            self._encode_keys(pending, rows)
+            return
+        self._encode_keys([k for k in pending if type(k) is not tuple], rows[~head])
+        encoded = self._raw.encode([k[0] for k in pending if type(k) is tuple])
+        lens = np.fromiter(map(len, encoded), np.int64, len(encoded))
+        self._store(rows[head], np.fromiter(chain.from_iterable(encoded), np.int32), lens)
+
+    def _encode_keys(self, keys: list[str], rows: np.ndarray) -> None:
+        """Encode str keys: ``WS + WS.join(keys)`` in chunks of about ``_JOIN_CHARS`` characters
+        (one C++ call), split back at the WS-initial pieces (one per key). A key that starts with
+        a wall thereby gets a lone WS piece first (WS merges with no wall), which is dropped."""
+        n = len(keys)
+        if not n:
+            return
+        ends = np.cumsum(np.fromiter(map(len, keys), np.int64, n) + 1)
+        cuts = np.searchsorted(ends, np.arange(_JOIN_CHARS, int(ends[-1]), _JOIN_CHARS))
+        bounds = np.unique(np.concatenate(([0], cuts + 1, [n])))
+        bounds = bounds[bounds <= n].tolist()
+        texts = [WS + WS.join(keys[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        encoded = self._raw.encode(texts, num_threads=self.num_threads)
+        ids = np.fromiter(chain.from_iterable(encoded), np.int32)
+        at = np.flatnonzero(self._starts_ws[ids])
+        chunk_ends = np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)))
+        per_chunk = np.diff(np.searchsorted(at, np.concatenate(([0], chunk_ends))))
+        if len(at) != n or not np.array_equal(per_chunk, np.diff(bounds)):
+            raise _BrokenInvariant(f"{n} segments gave {len(at)} word starts")
+        lens = np.diff(np.append(at, len(ids)))
+        if self._wall_ids:
+            nxt = np.minimum(at + 1, len(ids) - 1)
+            walled = (lens > 1) & (ids[at] == self._ws_id) & self._is_wall[ids[nxt]]
+            if walled.any():
+                keep = np.ones(len(ids), dtype=bool)
+                keep[at[walled]] = False
+                ids = ids[keep]
+                lens = lens - walled
+        self._store(rows, ids, lens)
 
     def _store(self, rows: np.ndarray, ids: np.ndarray, lens: np.ndarray) -> None:
         """Append ``ids`` (the keys of ``rows``, ``lens`` ids each) to the store."""
@@ -316,20 +332,6 @@ class _SegmentCache(dict):
         self[key] = row
         self.pending.append(key)
         return row
-
-
-def _chunks(group: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
-    """Consecutive runs of ``(key, row)`` of about ``_JOIN_CHARS`` characters (one C++ call)."""
-    chunks, chunk, size = [], [], 0
-    for w in group:
-        chunk.append(w)
-        size += len(w[0]) + 1
-        if size >= _JOIN_CHARS:
-            chunks.append(chunk)
-            chunk, size = [], 0
-    if chunk:
-        chunks.append(chunk)
-    return chunks
 
 
 def _not_utf8(text: str) -> bool:
