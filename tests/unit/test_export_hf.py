@@ -55,6 +55,7 @@ def synthetic_checkpoint(tmp_path: Path, manifest: Path, name: str, **overrides)
     from model.strict_config import to_dict
     from model.tp_layout import layout_of
     from pretrain.checkpoint.reader import Checkpoint
+    from pretrain.checkpoint.state import TrainerState
     from pretrain.consolidate import consolidate
 
     cfg = ModelConfig(**{**BASE, **overrides})
@@ -66,19 +67,22 @@ def synthetic_checkpoint(tmp_path: Path, manifest: Path, name: str, **overrides)
             p.add_(0.1 * torch.randn(p.shape, generator=g))
     weights = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     tok = SentencePieceTokenizer(tokenizer_model(manifest))
-    state = {
-        "step": 0,
-        "consumed_samples": 0,
-        "config": {"model": to_dict(cfg)},
-        "topology": {"tensor": 1, "data": 1, "zero_stage": 1},
-        "tp_layout": {k: v.to_json() for k, v in layout_of(model).items()},
-        "tokenizer": {
-            "file": "tokenizer.model",
-            "sha256": tok.sha256,
-            "vocab_size": tok.vocab_size,
-            "eod": tok.eod,
+    state = TrainerState.from_json(
+        {
+            "step": 0,
+            "consumed_samples": 0,
+            "config": {"model": to_dict(cfg)},
+            "topology": {"tensor": 1, "data": 1, "zero_stage": 1},
+            "tp_layout": {k: v.to_json() for k, v in layout_of(model).items()},
+            "tokenizer": {
+                "file": "tokenizer.model",
+                "sha256": tok.sha256,
+                "vocab_size": tok.vocab_size,
+                "eod": tok.eod,
+            },
         },
-    }
+        "synthetic checkpoint",
+    )
     ck = Checkpoint(tmp_path / name, state, cfg, tok, weights)
     return consolidate(ck, tmp_path / f"{name}.pt")
 
@@ -154,8 +158,6 @@ def test_non_standard_models_are_refused(
 
 
 # ------------------------------------------------------------------------------ end to end
-
-
 
 
 @pytest.mark.slow
