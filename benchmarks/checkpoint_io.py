@@ -52,12 +52,21 @@ def main() -> int:
     engine = engine_for(cfg)
     train_step(engine, cfg, synthetic_batch(cfg))  # populate optimizer state
 
+    from model.tp_layout import layout_of
     from pretrain.checkpoint.manager import CheckpointManager
+    from pretrain.checkpoint.state import TokenizerInfo, Topology, TrainerState
     from pretrain.parallel import rng
 
     work = Path(tempfile.mkdtemp(prefix="twicing-ckpt-bench-"))
     manager = CheckpointManager(work / "ours", keep_last=1)
-    state = {"step": 1, "config": cfg.to_dict()}
+    state = TrainerState(
+        step=1,
+        consumed_samples=cfg.training.global_batch_size,
+        config=cfg.to_dict(),
+        topology=Topology(tensor=1, data=1, zero_stage=args.zero_stage),
+        tp_layout={k: v.to_json() for k, v in layout_of(engine.module).items()},
+        tokenizer=TokenizerInfo("tokenizer.model", "0" * 64, cfg.model.vocab_size, 0),
+    )
 
     def ours() -> int:
         manager.save(engine, 1, state, rng.capture())
