@@ -5,13 +5,18 @@ Why a cache is exact: in a SentencePiece BPE model trained with the default
 (:func:`fast_path_blocker` checks this on the model). So no merge spans the start of a
 ``▁``-prefixed segment of the normalised text, and since BPE merges the best-scoring pair, ties to
 the leftmost, the merges inside a segment happen in the same order wherever the segment stands:
-``encode(doc)`` is the concatenation of the encodings of its segments. Real text repeats its
-segments (words) endlessly, so :class:`DocumentEncoder` normalises with the model's own normaliser,
-splits at ``▁``, encodes each segment it has not seen before once (many joined into one C++ call,
-split back at ``▁``-initial pieces) and expands cached ids with numpy. Other models are encoded
-whole with ``sp.encode`` (unigram's Viterbi breaks ties between equal-score paths by position, e.g.
-in ``=`` runs, so it is not segmentable; it is ~4× faster to encode anyway). Both paths are tested
-to give identical ids.
+``encode(doc)`` is the concatenation of the encodings of its segments. The same holds at *walls*:
+one-character pieces that no merge can reach — a user-defined piece such as data_prep's ``\n``
+(SentencePiece never merges a user-defined match), or a piece that no other piece contains — so a
+wall starts a segment of its own (``"end.\n\nThe"`` is ``▁end.``, ``\n``, ``\nThe``, and the
+last repeats as often as paragraphs start with "The"). Real text repeats its segments endlessly, so
+:class:`DocumentEncoder` normalises with the model's own normaliser, splits at ``▁`` and before
+walls, looks every segment up in one C-level pass over a dict (an unseen one is given the next row
+there and queued), encodes the queued ones (many joined into one C++ call, split back at their
+first pieces) and expands cached ids with numpy. Other models are encoded whole with
+``sp.encode`` (unigram's Viterbi breaks ties between equal-score paths by position, e.g. in ``=``
+runs, so it is not segmentable; it is ~4× faster to encode anyway). Both paths are tested to give
+identical ids.
 
 A document that encodes to nothing gets no EOD (as Megatron-LM's ``preprocess_data.py``).
 """
@@ -138,14 +143,19 @@ class DocumentEncoder:
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, doc_lens)``: int32 ids of all documents, each followed by EOD, and each
         document's id count (EOD included; 0 for a document that encodes to nothing)."""
-        if not self.fast:
-            return self._encode_whole(texts)
         try:
-            return self._encode_segments(texts)
-        except _BrokenInvariant as e:  # never expected; stay exact rather than fast
-            warnings.warn(f"segment cache disabled: {e}", RuntimeWarning, stacklevel=2)
-            self.fast, self.blocker = False, str(e)
+            if self.fast:
+                try:
+                    return self._encode_segments(texts)
+                except _BrokenInvariant as e:  # never expected; stay exact rather than fast
+                    warnings.warn(f"segment cache disabled: {e}", RuntimeWarning, stacklevel=2)
+                    self.fast, self.blocker = False, str(e)
             return self._encode_whole(texts)
+        except (UnicodeEncodeError, TypeError) as e:  # sentencepiece: TypeError on surrogates
+            bad = next((i for i, t in enumerate(texts) if not _is_utf8(t)), None)
+            if bad is None:
+                raise
+            raise DataPrepError(f"document {bad} of the batch is not valid Unicode: {e}") from e
 
     # ---------------------------------------------------------------------------------- whole
     def _encode_whole(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -223,10 +233,7 @@ class DocumentEncoder:
         docs: list[list] = []
         nkeys = np.zeros(len(texts), dtype=np.int64)
         for i, text in enumerate(texts):
-            try:
-                seg = self._segments(text)
-            except UnicodeEncodeError as e:
-                raise DataPrepError(f"document {i} of the batch is not valid Unicode: {e}") from e
+            seg = self._segments(text)
             if seg:
                 seg.append(None)
                 docs.append(seg)
@@ -240,9 +247,9 @@ class DocumentEncoder:
         if self._cache.pending:
             try:
                 self._fill_pending()
-            except UnicodeEncodeError as e:
-                bad = next(i for i, t in enumerate(texts) if _not_utf8(t))
-                raise DataPrepError(f"document {bad} of the batch is not valid Unicode: {e}") from e
+            except BaseException:
+                self._reset_cache()  # rows were handed out for ids never stored
+                raise
         ids, ends = self._gather(rows)
         tok_ends = np.concatenate(([0], ends))[np.cumsum(nkeys)]
         doc_lens = np.diff(np.concatenate(([0], tok_ends)))
@@ -334,12 +341,12 @@ class _SegmentCache(dict):
         return row
 
 
-def _not_utf8(text: str) -> bool:
+def _is_utf8(text) -> bool:
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
+    except (UnicodeEncodeError, AttributeError):
+        return False
+    return True
 
 
 class _BrokenInvariant(RuntimeError):
