@@ -6,11 +6,17 @@ The model's own forward does the work: with a :class:`DecodeContext` passed as m
 different lengths are left-padded into one batch. ``use_cache=False`` is the reference path:
 a plain full forward (no context, no padding: rows are grouped by length) at every step.
 
-megatron-core ships generation controllers (``megatron.core.inference.text_generation_
-controllers``) but they drive CUDA engines, tokenizers and request objects; the loop here is the
-smallest one over the same ``GPTModel.forward(..., inference_context=...)`` call. Under tensor
-parallelism every rank runs it with its own cache shard (heads stay split); logits are gathered
-over TP and the chosen tokens are broadcast from TP rank 0, so all ranks feed the same ids.
+Why our own loop: megatron-core's model-side plumbing (``StaticInferenceContext`` through
+``GPTModel.forward``) runs on the CPU and is what we use, but its generation layer is CUDA-bound:
+``TextGenerationController`` samples with ``torch.Generator(device=torch.cuda.current_device())``
+and exchanges tokens through ``inference.communication_utils``, which asserts ``tensor.is_cuda``
+and calls ``torch.cuda.synchronize()``; the engines set CUDA devices and build CUDA graphs; the
+dynamic context needs flash kernels. The loop here is the smallest one over the same
+``GPTModel.forward(..., inference_context=...)`` call.
+
+Under tensor parallelism every rank runs the loop with its own cache shard (heads stay split);
+logits are gathered over TP and the chosen tokens are broadcast from TP rank 0, so all ranks
+feed the same ids.
 """
 
 from __future__ import annotations
