@@ -15,7 +15,10 @@ Layout under the checkpoint root::
                             (``pretrain.universal``), pruned with its source tag
 
 A directory without ``COMPLETE`` is never loaded (a save killed mid-way leaves one behind; the
-next save of that tag or pruning removes it).
+next save of that tag or pruning removes it). Only exact tags count: ``latest`` must name one
+(``../other-run/…`` is an error naming the file), ``checksums.json`` may only list files inside
+its step directory, and other ``step_*`` names (a user's ``step_00000010.bak``) are ignored with a
+warning.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +43,57 @@ STATE = "trainer_state.json"
 CHECKSUMS = "checksums.json"
 TOKENIZER_FILE = "tokenizer.model"
 _TAG_PREFIX = "step_"
+_TAG = re.compile(r"step_\d{8}")
 
 
 def tag_of(step: int) -> str:
     return f"{_TAG_PREFIX}{step:08d}"
 
 
+def is_tag(name: str) -> bool:
+    """Whether ``name`` is exactly ``step_XXXXXXXX`` (eight digits, nothing else)."""
+    return _TAG.fullmatch(name) is not None
+
+
 def step_of(tag: str) -> int:
+    if not is_tag(tag):
+        raise CheckpointError(f"{tag!r} is not a checkpoint tag (expected step_XXXXXXXX)")
     return int(tag[len(_TAG_PREFIX) :])
+
+
+def check_tag(tag: str, where: str | Path) -> str:
+    """``tag`` if it is an exact tag, else a ``CheckpointError`` naming ``where`` it came from."""
+    if not is_tag(tag):
+        raise CheckpointError(
+            f"{where}: {tag!r} is not a checkpoint tag of this directory (expected a plain "
+            "step_XXXXXXXX name; paths such as ../other-run/… are refused)"
+        )
+    return tag
+
+
+def tag_names(root: Path) -> list[str]:
+    """Exact tags of the directories under ``root``, oldest first; other ``step_*`` names (a
+    backup ``step_00000010.bak``, a damaged copy moved aside) are ignored with a warning."""
+    if not root.is_dir():
+        return []
+    tags = []
+    for p in root.iterdir():
+        if not p.name.startswith(_TAG_PREFIX):
+            continue
+        if is_tag(p.name) and p.is_dir() and not p.is_symlink():
+            tags.append(p.name)
+        elif p.name not in _WARNED:
+            _WARNED.add(p.name)
+            print(
+                f"warning: ignoring {p} (not a checkpoint: only plain step_XXXXXXXX directories "
+                "are)",
+                file=sys.stderr,
+                flush=True,
+            )
+    return sorted(tags, key=step_of)
+
+
+_WARNED: set[str] = set()
 
 
 def file_digest(path: Path, fsync: bool = False) -> dict[str, Any]:
@@ -60,20 +108,21 @@ def file_digest(path: Path, fsync: bool = False) -> dict[str, Any]:
 
 def complete_tags(root: Path) -> list[str]:
     """Tags with a completion marker, oldest first."""
-    if not root.is_dir():
-        return []
-    tags = [
-        p.name for p in root.iterdir() if p.name.startswith(_TAG_PREFIX) and (p / MARKER).is_file()
-    ]
-    return sorted(tags, key=step_of)
+    return [t for t in tag_names(root) if (root / t / MARKER).is_file()]
 
 
 def latest_complete(root: Path) -> str | None:
-    """The tag ``latest`` names if it is complete, else the newest complete tag, else None."""
+    """The tag ``latest`` names if it is complete, else the newest complete tag, else None.
+
+    ``latest`` must hold an exact tag: anything else (``../../other-run/checkpoints/step_N``)
+    is a ``CheckpointError`` naming the file, never followed."""
     pointer = root / LATEST
     if pointer.is_file():
-        tag = pointer.read_text().strip()
-        if (root / tag / MARKER).is_file():
+        try:
+            tag = check_tag(pointer.read_text().strip(), pointer)
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{pointer}: not a text file naming a tag") from None
+        if (root / tag / MARKER).is_file() and not (root / tag).is_symlink():
             return tag
     tags = complete_tags(root)
     return tags[-1] if tags else None
@@ -91,11 +140,41 @@ def read_state(tag_dir: Path) -> TrainerState:
     return TrainerState.from_json(data, path)
 
 
+def read_checksums(tag_dir: Path) -> dict[str, dict[str, Any]]:
+    """``checksums.json`` of ``tag_dir``, checked: an object of relative names of files inside
+    the step directory (no ``..``, no absolute paths), each with ``size`` and ``xxh3_128``."""
+    path = tag_dir / CHECKSUMS
+    try:
+        listed = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {tag_dir} has no {CHECKSUMS}") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable: {e}") from None
+    if not isinstance(listed, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of file names")
+    for name, entry in listed.items():
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
+            raise CheckpointError(
+                f"{path}: entry {name!r} is not a file inside the step directory (refused)"
+            )
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("xxh3_128"), str)
+        ):
+            raise CheckpointError(f"{path}: entry {name!r} needs an integer size and xxh3_128")
+    return listed
+
+
 def verify_files(tag_dir: Path, names: list[str] | None = None) -> list[str]:
     """Problems (one line each, naming the file) with ``names`` (default: all listed files)."""
-    listed = json.loads((tag_dir / CHECKSUMS).read_text())
+    listed = read_checksums(tag_dir)
     problems = []
     for name in listed if names is None else names:
+        if name not in listed:
+            problems.append(f"{tag_dir / name}: not listed in {CHECKSUMS}")
+            continue
         expected, path = listed[name], tag_dir / name
         if not path.is_file():
             problems.append(f"{path}: missing")

@@ -21,9 +21,12 @@ from data_prep.tokenizer import SentencePieceTokenizer, file_sha256
 from model import ModelConfig
 from model.strict_config import from_dict
 from model.tp_layout import Split, merge, shard
+from pretrain.checkpoint.deepspeed_compat import safe_load, safe_loads
 from pretrain.checkpoint.layout import (
     MARKER,
     TOKENIZER_FILE,
+    check_tag,
+    is_tag,
     latest_complete,
     read_state,
     verify_files,
@@ -64,11 +67,11 @@ def resolve(path: str | Path, tag: str | None = None) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
-    if (path / "trainer_state.json").exists() or path.name.startswith("step_"):
+    if (path / "trainer_state.json").exists() or is_tag(path.name):
         tag_dir = path
     else:
         root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        chosen = tag or latest_complete(root)
+        chosen = check_tag(tag, "--tag") if tag is not None else latest_complete(root)
         if chosen is None:
             raise CheckpointError(f"no complete checkpoint under {root}")
         tag_dir = root / chosen
@@ -137,6 +140,15 @@ def _module_file(ck: Checkpoint, mp_rank: int) -> Path:
     return ck.tag_dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
 
 
+def _module(path: Path) -> dict[str, Any]:
+    """The ``module`` weights of a DeepSpeed model-states file (``weights_only``, allow-listed:
+    a file carrying anything else is a ``CheckpointError`` naming it, and nothing in it runs)."""
+    sd = safe_load(path)
+    if not isinstance(sd, dict) or not isinstance(sd.get("module"), dict):
+        raise CheckpointError(f"{path}: no 'module' weights in this DeepSpeed model-states file")
+    return sd["module"]
+
+
 def _clean(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Drop megatron's ``_extra_state`` placeholders; keep real tensors."""
     return {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
@@ -150,9 +162,7 @@ def tp_shards(ck: Checkpoint) -> list[dict[str, torch.Tensor]]:
         problems = verify_files(ck.tag_dir, [f.name for f in files])
         if problems:
             raise CheckpointError("; ".join(problems))
-        return [
-            _clean(torch.load(f, map_location="cpu", weights_only=True)["module"]) for f in files
-        ]
+        return [_clean(_module(f)) for f in files]
     problems = verify_files(ck.tag_dir)
     if problems:
         raise CheckpointError("; ".join(problems))
@@ -173,7 +183,8 @@ def _zero3_rank(ck: Checkpoint, mp_rank: int) -> dict[str, torch.Tensor]:
         tag.mkdir()
         for f in ck.tag_dir.glob(f"zero_pp_rank_*{suffix}*_states.pt"):
             os.symlink(f, tag / f.name.replace(suffix, "_mp_rank_00_"))
-        sd = get_fp32_state_dict_from_zero_checkpoint(scratch, tag="rank")
+        with safe_loads():  # DeepSpeed's zero_to_fp32 loads with weights_only=False
+            sd = get_fp32_state_dict_from_zero_checkpoint(scratch, tag="rank")
     return _clean({k: v.float() for k, v in sd.items()})
 
 
@@ -196,6 +207,6 @@ def state_dict_for_rank(ck: Checkpoint, rank: int, tp: int) -> dict[str, torch.T
         problems = verify_files(ck.tag_dir, [path.name])
         if problems:
             raise CheckpointError("; ".join(problems))
-        return _clean(torch.load(path, map_location="cpu", weights_only=True)["module"])
+        return _clean(_module(path))
     layout = ck.layout
     return {k: shard(v, layout[k], rank, tp).clone() for k, v in full_state_dict(ck).items()}
