@@ -15,6 +15,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("checkpoint", help="run dir, checkpoint root or step_* dir")
     p.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
     p.add_argument("--workers", type=int, default=1, help="DeepSpeed extract/merge processes")
+    p.add_argument(
+        "--trust-pickles",
+        action="store_true",
+        help="let DeepSpeed unpickle the files without the weights_only allow-list (code in a "
+        "tampered file would run); only for checkpoints you wrote yourself",
+    )
     return p.parse_args(argv)
 
 
@@ -25,7 +31,16 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.checkpoint.reader import resolve
         from pretrain.checkpoint.reshard import convert
 
-        out = convert(resolve(args.checkpoint, args.tag), workers=args.workers, quiet=False)
+        if args.workers < 1:
+            from pretrain.errors import ConfigError
+
+            raise ConfigError(f"--workers {args.workers} must be >= 1")
+        out = convert(
+            resolve(args.checkpoint, args.tag),
+            workers=args.workers,
+            quiet=False,
+            trust_pickles=args.trust_pickles,
+        )
         print(f"universal checkpoint: {out}")
         return 0
 

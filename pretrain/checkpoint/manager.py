@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import shutil
 from dataclasses import dataclass
@@ -17,17 +18,24 @@ import torch.distributed as dist
 from data_prep import atomic
 from pretrain import faults
 from pretrain.checkpoint import reshard
+from pretrain.checkpoint.deepspeed_compat import (
+    fix_zero3_universal_load,
+    safe_loads,
+    universal_loading,
+)
 from pretrain.checkpoint.layout import (
-    _TAG_PREFIX,
     CHECKSUMS,
     LATEST,
     MARKER,
     STATE,
     complete_tags,
     file_digest,
+    is_tag,
     latest_complete,
+    read_checksums,
     read_state,
     step_of,
+    tag_names,
     tag_of,
     torch_save,
     verify_files,
@@ -46,11 +54,19 @@ class Loaded:
 class CheckpointManager:
     """Saves and restores a DeepSpeed engine plus our state, collectively on every rank."""
 
-    def __init__(self, root: Path, keep_last: int, verify: bool = True, fsync: bool = False):
+    def __init__(
+        self,
+        root: Path,
+        keep_last: int,
+        verify: bool = True,
+        fsync: bool = False,
+        trust_pickles: bool = False,
+    ):
         self.root = Path(root)
         self.keep_last = keep_last
         self.verify = verify
         self.fsync = fsync
+        self.trust_pickles = trust_pickles
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
 
@@ -62,8 +78,83 @@ class CheckpointManager:
         state: TrainerState,
         rng_state: dict[str, Any],
         files: dict[str, Path] | None = None,
+        estimate_bytes: int = 0,
     ) -> Path:
-        """Collective save; ``files`` (name → source) are copied into the checkpoint by rank 0."""
+        """Collective save; ``files`` (name → source) are copied into the checkpoint by rank 0.
+
+        Refused up front when the file system has less room than the last checkpoint took
+        (``estimate_bytes`` before the first one); a save that fails anyway (disk full, I/O
+        error) removes its partial step directory and raises ``CheckpointError`` saying where
+        and how much room it needed — the previous complete checkpoint is untouched."""
+        need = self._preflight(estimate_bytes)
+        tag_dir = self.root / tag_of(step)
+        try:
+            return self._save(engine, step, state, rng_state, files)
+        except Exception as e:  # noqa: BLE001 - reported as a checkpoint error below
+            raise self._save_failed(tag_dir, e, need) from None
+
+    def _last_size(self) -> tuple[str | None, int]:
+        tags = complete_tags(self.root)
+        if not tags:
+            return None, 0
+        try:
+            return tags[-1], sum(v["size"] for v in read_checksums(self.root / tags[-1]).values())
+        except CheckpointError:
+            return tags[-1], 0
+
+    def _preflight(self, estimate_bytes: int) -> int:
+        """Bytes a save needs (the last checkpoint's size, else the estimate); raises on every
+        rank when rank 0 sees less free space than that."""
+        verdict: list[Any] = [None]
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            last, size = self._last_size()
+            need = size or estimate_bytes
+            free = shutil.disk_usage(self.root).free
+            verdict[0] = (need, None)
+            if need and free < need:
+                verdict[0] = (
+                    need,
+                    f"checkpoint save failed: no space left on {self.root} (needed ~"
+                    f"{_mb(need)} MB, {_mb(free)} MB free); nothing was written, the last "
+                    f"complete checkpoint ({last or 'none'}) is untouched",
+                )
+        dist.broadcast_object_list(verdict, src=0)
+        need, message = verdict[0]
+        if message:
+            raise CheckpointError(message)
+        return need
+
+    def _save_failed(self, tag_dir: Path, error: Exception, need: int) -> CheckpointError:
+        """The error to raise for a failed save, after removing its partial step directory."""
+        if isinstance(error, CheckpointError):
+            return error
+        free = shutil.disk_usage(self.root).free if self.root.is_dir() else 0
+        latest = self.root / LATEST
+        done = latest.is_file() and latest.read_text().strip() == tag_dir.name
+        if not done:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        last = complete_tags(self.root)
+        kept = f"the last complete checkpoint ({last[-1] if last else 'none'}) is untouched"
+        removed = f"removed the partial {tag_dir}" if not done else f"{tag_dir} is complete"
+        if _no_space(error) or (need and free < need):
+            return CheckpointError(
+                f"checkpoint save failed: no space left on {self.root} (needed ~{_mb(need)} MB, "
+                f"{_mb(free)} MB free); {removed}; {kept}"
+            )
+        return CheckpointError(
+            f"checkpoint save of {tag_dir} failed: {type(error).__name__}: {error}; "
+            f"{removed}; {kept}"
+        )
+
+    def _save(
+        self,
+        engine,
+        step: int,
+        state: TrainerState,
+        rng_state: dict[str, Any],
+        files: dict[str, Path] | None,
+    ) -> Path:
         tag = tag_of(step)
         tag_dir = self.root / tag
         if self.rank == 0:
@@ -117,17 +208,19 @@ class CheckpointManager:
         tags = complete_tags(self.root)
         keep = set(tags[-self.keep_last :])
         newest = step_of(tags[-1]) if tags else -1
-        for p in self.root.iterdir():
-            if not p.is_dir() or not p.name.startswith(_TAG_PREFIX) or p.name in keep:
+        for name in tag_names(self.root):  # exact tags only: a user's step_….bak stays
+            p = self.root / name
+            if name in keep:
                 continue
-            if (p / MARKER).is_file() or step_of(p.name) < newest:
+            if (p / MARKER).is_file() or step_of(name) < newest:
                 shutil.rmtree(p, ignore_errors=True)
         universal = self.root / "universal"
         if universal.is_dir():  # conversions of pruned tags, or older than the newest save
             for p in universal.iterdir():
-                if p.name.startswith(_TAG_PREFIX) and (
+                stale = is_tag(p.name) and (
                     step_of(p.name) < newest or not (self.root / p.name).is_dir()
-                ):
+                )
+                if stale:
                     shutil.rmtree(p, ignore_errors=True)
 
     # ---------------------------------------------------------------- load
@@ -143,13 +236,14 @@ class CheckpointManager:
         state = read_state(tag_dir)
         if self.verify:
             self._verify(tag_dir)
-        path, _client = engine.load_checkpoint(
-            str(self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        if path is None:
-            raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
-        rng_file = tag_dir / "rng" / f"rank_{self.rank:05d}.pt"
-        rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
+        with safe_loads(self.trust_pickles):  # DeepSpeed's loads: weights_only, allow-listed
+            path, _client = engine.load_checkpoint(
+                str(self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+            if path is None:
+                raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
+            rng_file = tag_dir / "rng" / f"rank_{self.rank:05d}.pt"
+            rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
         return Loaded(tag=tag, state=state, rng=rng)
 
     def load_resharded(self, engine, tag: str) -> Loaded:
@@ -167,7 +261,7 @@ class CheckpointManager:
         error: list[str | None] = [None]
         if self.rank == 0:
             try:
-                reshard.convert(tag_dir, verify=False)
+                reshard.convert(tag_dir, verify=False, trust_pickles=self.trust_pickles)
             except CheckpointError as e:
                 error[0] = str(e)
             except Exception as e:  # noqa: BLE001 - every rank must hear about it
@@ -176,30 +270,23 @@ class CheckpointManager:
         dist.destroy_process_group(patient)
         if error[0] is not None:
             raise CheckpointError(error[0])
-        previous = engine._config.load_universal_checkpoint
-        engine._config.load_universal_checkpoint = True
-        try:
+        with universal_loading(engine), safe_loads(self.trust_pickles):
             path, _client = engine.load_checkpoint(
                 str(reshard.universal_root(self.root)),
                 tag=tag,
                 load_optimizer_states=True,
                 load_lr_scheduler_states=False,
             )
-        finally:
-            engine._config.load_universal_checkpoint = previous
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load the universal checkpoint of {tag_dir}")
         if engine.zero_optimization_stage() == 3:
-            reshard.fix_zero3_universal_load(
+            fix_zero3_universal_load(
                 engine.optimizer.optimizer, reshard.universal_root(self.root) / tag
             )
         return Loaded(tag=tag, state=state, rng=None)
 
     def _verify(self, tag_dir: Path) -> None:
-        checksums = tag_dir / CHECKSUMS
-        if not checksums.is_file():
-            raise CheckpointError(f"checkpoint {tag_dir} has no {CHECKSUMS}")
-        names = sorted(json.loads(checksums.read_text()))
+        names = sorted(read_checksums(tag_dir))
         mine = verify_files(tag_dir, names[self.rank :: self.world])
         gathered: list[list[str]] = [[] for _ in range(self.world)]
         dist.all_gather_object(gathered, mine)
@@ -209,3 +296,16 @@ class CheckpointManager:
                 f"checkpoint {tag_dir} failed verification, nothing was loaded:\n  "
                 + "\n  ".join(problems)
             )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def _no_space(error: BaseException | None) -> bool:
+    """Whether ``error`` (or what caused it) is ENOSPC/EDQUOT."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

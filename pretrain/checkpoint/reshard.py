@@ -33,7 +33,6 @@ Offline conversion (e.g. with several worker processes for a large model)::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -48,6 +47,12 @@ import torch
 import xxhash
 
 from data_prep import atomic
+from pretrain.checkpoint.deepspeed_compat import (
+    ds_to_universal_args,
+    safe_load,
+    safe_loads,
+    scan,
+)
 from pretrain.checkpoint.layout import (
     CHECKSUMS,
     MARKER,
@@ -152,23 +157,38 @@ def _strip_extra_state(module: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _stage(tag_dir: Path, staging: Path, info: dict[str, Any]) -> None:
-    """A copy of the DeepSpeed files the converter reads: optimizer shards linked, model-state
-    files rewritten without ``_extra_state: None`` and with ``info`` injected."""
+def _stage(tag_dir: Path, staging: Path, info: dict[str, Any], trust_pickles: bool) -> None:
+    """A copy of the DeepSpeed files the converter reads: optimizer shards linked (after a
+    pickle-safety scan unless ``trust_pickles``), model-state files rewritten without
+    ``_extra_state: None`` and with ``info`` injected."""
     staging.mkdir(parents=True)
-    for f in sorted(tag_dir.glob("*_optim_states.pt")):
+    optim = sorted(tag_dir.glob("*_optim_states.pt"))
+    if not trust_pickles:
+        scan(optim)
+    for f in optim:
         os.symlink(f.resolve(), staging / f.name)
     for f in sorted(tag_dir.glob("*_model_states.pt")):
-        sd = torch.load(f, map_location="cpu", weights_only=False)
+        sd = (
+            torch.load(f, map_location="cpu", weights_only=False)
+            if trust_pickles
+            else safe_load(f)
+        )
         if "module" in sd:
             sd["module"] = _strip_extra_state(sd["module"])
         sd[INFO_KEY] = info
         torch.save(sd, staging / f.name)
 
 
-def convert(tag_dir: str | Path, workers: int = 1, quiet: bool = True, verify: bool = True) -> Path:
+def convert(
+    tag_dir: str | Path,
+    workers: int = 1,
+    quiet: bool = True,
+    verify: bool = True,
+    trust_pickles: bool = False,
+) -> Path:
     """Convert one complete checkpoint into ``<root>/universal/<tag>/`` (verified first unless
-    the caller already did).
+    the caller already did; every file read with ``weights_only=True`` and an allow-list unless
+    ``trust_pickles``).
 
     Reuses an up-to-date earlier conversion. Writes into a scratch directory and renames it
     into place, so an interrupted conversion leaves nothing that would be loaded. ``workers``
@@ -196,8 +216,9 @@ def convert(tag_dir: str | Path, workers: int = 1, quiet: bool = True, verify: b
         shutil.rmtree(stale, ignore_errors=True)
     scratch = root / f".tmp-{tag_dir.name}-{os.getpid()}"
     try:
-        _stage(tag_dir, scratch / "input", info)
-        _run_converter(scratch / "input", scratch / tag_dir.name, workers, quiet)
+        _stage(tag_dir, scratch / "input", info, trust_pickles)
+        with safe_loads(trust_pickles):
+            _run_converter(scratch / "input", scratch / tag_dir.name, workers, quiet)
         result = scratch / tag_dir.name
         for name in (STATE, TOKENIZER_FILE):
             if (tag_dir / name).is_file():
@@ -225,15 +246,7 @@ def convert(tag_dir: str | Path, workers: int = 1, quiet: bool = True, verify: b
 def _run_converter(input_dir: Path, output_dir: Path, workers: int, quiet: bool) -> None:
     from deepspeed.checkpoint import ds_to_universal
 
-    args = argparse.Namespace(
-        input_folder=str(input_dir),
-        output_folder=str(output_dir),
-        num_extract_workers=workers,
-        num_merge_workers=workers,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=False,
-    )
+    args = ds_to_universal_args(input_dir, output_dir, workers)
     log = io.StringIO()
     previous = os.environ.get("TQDM_DISABLE")
     if quiet:
@@ -241,6 +254,8 @@ def _run_converter(input_dir: Path, output_dir: Path, workers: int, quiet: bool)
     try:
         with contextlib.redirect_stdout(log) if quiet else contextlib.nullcontext():
             ds_to_universal.main(args)
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(
             f"DeepSpeed's universal conversion of {input_dir.parent} failed: "
@@ -252,30 +267,3 @@ def _run_converter(input_dir: Path, output_dir: Path, workers: int, quiet: bool)
                 os.environ.pop("TQDM_DISABLE", None)
             else:
                 os.environ["TQDM_DISABLE"] = previous
-
-
-def fix_zero3_universal_load(optimizer, universal_dir: Path) -> None:
-    """Repair two slips of DeepSpeed 0.19's ZeRO-3 universal loader (``optimizer``: the base
-    torch optimizer inside the ZeRO-3 optimizer).
-
-    * It gives every parameter group the *first* saved group's hyperparameters, so the no-decay
-      group (biases, norms) would resume with weight decay.
-    * It stores one ``step`` tensor object in every group's state; Adam increments it in place,
-      once per group per step, so bias correction would run ahead.
-
-    Either makes the resumed run drift from the original (3e-3 in the loss 2 steps after the
-    resume on the tiny test model); with both fixed it follows the original run.
-    """
-    saved = torch.load(
-        Path(universal_dir) / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False
-    ).get("param_groups")
-    if not saved or len(saved) != len(optimizer.param_groups):
-        raise CheckpointError(
-            f"{universal_dir}: {len(saved or [])} saved parameter groups for "
-            f"{len(optimizer.param_groups)} in this run"
-        )
-    for group, values in zip(optimizer.param_groups, saved, strict=True):
-        group.update({k: v for k, v in values.items() if k != "params"})
-    for state in optimizer.state.values():
-        if isinstance(state.get("step"), torch.Tensor):
-            state["step"] = state["step"].clone()

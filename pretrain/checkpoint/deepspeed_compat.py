@@ -1,0 +1,174 @@
+"""Every place the checkpoint code leans on DeepSpeed 0.19 internals, in one module.
+
+``tests/unit/test_deepspeed_compat.py`` checks each assumption against the installed DeepSpeed,
+so an upgrade that changes one fails there, loudly, instead of silently re-opening a hole.
+
+* **Pickle safety.** DeepSpeed reads checkpoint files with ``torch.load(weights_only=False)``
+  (its ``TorchCheckpointEngine.load``, ``ds_to_universal``, ``zero_to_fp32``, the universal
+  loaders), which runs any code a tampered ``*.pt`` carries. Inside :func:`safe_loads`,
+  ``torch.load`` is :func:`safe_load`: ``weights_only=True`` with the
+  allow-list :data:`ALLOWED` of the few DeepSpeed types its files hold (a loss-scaler object,
+  an enum, a dataclass of offsets: built from their fields, nothing called). A file with any
+  other global is refused (``CheckpointError`` naming the file and the global), unless the run
+  sets ``checkpoint.trust_pickles=true`` (then DeepSpeed loads as it always did). DeepSpeed's
+  converter fork()s its worker processes, which inherit the replacement.
+* **Universal loading**: ``engine._config.load_universal_checkpoint`` is flipped for one
+  ``load_checkpoint`` call (:func:`universal_loading`).
+* **Universal conversion**: ``ds_to_universal.main`` takes an ``argparse.Namespace`` with the
+  fields its CLI defines (:func:`ds_to_universal_args`).
+* **ZeRO-3 universal load**: two slips of its loader are repaired
+  (:func:`fix_zero3_universal_load`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.errors import CheckpointError
+
+#: the DeepSpeed modules whose ``torch.load`` calls read checkpoint files (the test checks each
+#: calls it as ``torch.load``, the attribute :func:`safe_loads` replaces)
+GUARDED_MODULES = (
+    "deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine",
+    "deepspeed.runtime.engine",
+    "deepspeed.runtime.zero.stage3",
+    "deepspeed.runtime.zero.stage_1_and_2",
+    "deepspeed.runtime.bf16_optimizer",
+    "deepspeed.checkpoint.ds_to_universal",
+    "deepspeed.checkpoint.universal_checkpoint",
+    "deepspeed.checkpoint.deepspeed_checkpoint",
+    "deepspeed.checkpoint.zero_checkpoint",
+    "deepspeed.utils.zero_to_fp32",
+)
+#: ``module:qualname`` of every non-torch type DeepSpeed 0.19 writes into a checkpoint
+ALLOWED_NAMES = (
+    "deepspeed.runtime.fp16.loss_scaler:LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler:DynamicLossScaler",
+    "deepspeed.runtime.zero.config:ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment:fragment_address",
+)
+_REAL_LOAD = torch.load
+
+
+@functools.cache
+def allowed() -> list[Any]:
+    """The allow-listed types themselves (imported on first use)."""
+    import importlib
+
+    out = []
+    for name in ALLOWED_NAMES:
+        module, _, qualname = name.partition(":")
+        out.append(getattr(importlib.import_module(module), qualname))
+    return out
+
+
+def safe_load(f: Any, map_location: Any = "cpu", **kwargs: Any) -> Any:
+    """``torch.load(f, weights_only=True)`` with :data:`ALLOWED`; a file holding anything else
+    (e.g. a pickled call) is a ``CheckpointError`` naming it, and nothing in it runs."""
+    kwargs.pop("weights_only", None)
+    try:
+        with torch.serialization.safe_globals(allowed()):
+            return _REAL_LOAD(f, map_location=map_location, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        reason = next(
+            (ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "global" in ln),
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
+        raise CheckpointError(
+            f"{f}: refused to unpickle ({reason.split(' was not')[0]}): checkpoint files may "
+            "hold only tensors, plain containers and the allow-listed DeepSpeed types, so this "
+            "one was altered or written by other code. Nothing in it was run. If you trust it, "
+            "resume with checkpoint.trust_pickles=true"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{f}: unreadable checkpoint file ({type(e).__name__}: {e})") from e
+
+
+def _guarded_load(f: Any, map_location: Any = None, *args: Any, **kwargs: Any) -> Any:
+    if args:  # torch.load's positional pickle_module: not ours to honour
+        raise CheckpointError(f"{f}: unexpected torch.load arguments {args!r}")
+    return safe_load(f, map_location=map_location, **kwargs)
+
+
+@contextlib.contextmanager
+def safe_loads(trust_pickles: bool = False) -> Iterator[None]:
+    """Within the block every ``torch.load`` — DeepSpeed's included, which all call it as
+    ``torch.load`` (checked by the test) — is :func:`safe_load` (``trust_pickles``: leave
+    DeepSpeed's loads as they are)."""
+    if trust_pickles or torch.load is _guarded_load:
+        yield
+        return
+    torch.load = _guarded_load
+    try:
+        yield
+    finally:
+        torch.load = _REAL_LOAD
+
+
+def scan(paths: list[Path]) -> None:
+    """Refuse (``CheckpointError`` naming the file) any of ``paths`` that :func:`safe_load`
+    would refuse; cheap: tensors are memory-mapped, not read."""
+    for path in paths:
+        try:
+            safe_load(path, mmap=True)
+        except CheckpointError as e:
+            if "refused" in str(e):
+                raise
+            safe_load(path)  # the legacy (non-zip) format cannot be memory-mapped
+
+
+@contextlib.contextmanager
+def universal_loading(engine: Any) -> Iterator[None]:
+    """Make ``engine.load_checkpoint`` read a DeepSpeed universal checkpoint for one call."""
+    previous = engine._config.load_universal_checkpoint
+    engine._config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        engine._config.load_universal_checkpoint = previous
+
+
+def ds_to_universal_args(input_dir: Path, output_dir: Path, workers: int) -> argparse.Namespace:
+    """The arguments ``deepspeed.checkpoint.ds_to_universal.main`` reads."""
+    return argparse.Namespace(
+        input_folder=str(input_dir),
+        output_folder=str(output_dir),
+        num_extract_workers=workers,
+        num_merge_workers=workers,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
+
+
+def fix_zero3_universal_load(optimizer: Any, universal_dir: Path) -> None:
+    """Repair two slips of DeepSpeed 0.19's ZeRO-3 universal loader (``optimizer``: the base
+    torch optimizer inside the ZeRO-3 optimizer).
+
+    * It gives every parameter group the *first* saved group's hyperparameters, so the no-decay
+      group (biases, norms) would resume with weight decay.
+    * It stores one ``step`` tensor object in every group's state; Adam increments it in place,
+      once per group per step, so bias correction would run ahead.
+
+    Either makes the resumed run drift from the original (3e-3 in the loss 2 steps after the
+    resume on the tiny test model); with both fixed it follows the original run.
+    """
+    saved = safe_load(Path(universal_dir) / "zero" / "optimizer_state.pt").get("param_groups")
+    if not saved or len(saved) != len(optimizer.param_groups):
+        raise CheckpointError(
+            f"{universal_dir}: {len(saved or [])} saved parameter groups for "
+            f"{len(optimizer.param_groups)} in this run"
+        )
+    for group, values in zip(optimizer.param_groups, saved, strict=True):
+        group.update({k: v for k, v in values.items() if k != "params"})
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
