@@ -47,6 +47,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
             check(getattr(self, key) > 0, f"model.{key}", f"must be > 0, got {getattr(self, key)}")
+        for key in ("ffn_hidden_size", "num_query_groups"):
+            value = getattr(self, key)
+            check(value is None or value > 0, f"model.{key}", f"must be > 0 (or null), got {value}")
+        check(self.rotary_base > 0, "model.rotary_base", f"must be > 0, got {self.rotary_base}")
+        check(
+            self.layernorm_epsilon > 0,
+            "model.layernorm_epsilon",
+            f"must be > 0, got {self.layernorm_epsilon}",
+        )
         check(
             self.hidden_size % self.num_attention_heads == 0,
             "model.num_attention_heads",

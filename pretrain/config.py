@@ -7,6 +7,7 @@ JSON is derived from this (``pretrain.ds_config``), never written by hand.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -78,6 +79,17 @@ class OptimizerConfig:
             f"must be in [0, lr], got {self.min_lr}",
         )
         check(len(self.betas) == 2, "optimizer.betas", f"needs two values, got {self.betas}")
+        for i, beta in enumerate(self.betas):
+            check(0.0 <= beta < 1.0, f"optimizer.betas[{i}]", f"must be in [0, 1), got {beta}")
+        check(self.eps > 0, "optimizer.eps", f"must be > 0, got {self.eps}")
+        check(
+            self.weight_decay >= 0,
+            "optimizer.weight_decay",
+            f"must be >= 0, got {self.weight_decay}",
+        )
+        for key in ("lr", "min_lr", "eps", "weight_decay", "grad_clip"):
+            value = getattr(self, key)
+            check(math.isfinite(value), f"optimizer.{key}", f"must be finite, got {value}")
         check(self.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
         check(self.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0 (0 disables clipping)")
 
@@ -94,6 +106,8 @@ class TrainingConfig:
     nonfinite: Literal["skip", "halt"] = "halt"
     exit_at_step: int | None = None
     timeout_minutes: float = 10.0
+    #: under ``nonfinite: skip``, halt (exit 3) after more consecutive skipped steps (0: never)
+    max_consecutive_skips: int = 10
 
     def __post_init__(self) -> None:
         for key in ("train_steps", "micro_batch_size", "global_batch_size", "log_interval"):
@@ -101,6 +115,17 @@ class TrainingConfig:
                 getattr(self, key) > 0, f"training.{key}", f"must be > 0, got {getattr(self, key)}"
             )
         check(self.eval_interval >= 0, "training.eval_interval", "must be >= 0 (0 disables)")
+        check(self.eval_steps >= 0, "training.eval_steps", f"must be >= 0, got {self.eval_steps}")
+        check(
+            self.eval_steps >= 1 or self.eval_interval == 0,
+            "training.eval_steps",
+            f"must be >= 1 when eval_interval > 0 (got 0 with eval_interval {self.eval_interval})",
+        )
+        check(
+            self.max_consecutive_skips >= 0,
+            "training.max_consecutive_skips",
+            f"must be >= 0 (0: no limit), got {self.max_consecutive_skips}",
+        )
         check(self.timeout_minutes > 0, "training.timeout_minutes", "must be > 0")
 
 
@@ -116,6 +141,9 @@ class CheckpointConfig:
     verify: bool = True
     fsync: bool = False
     reshard: bool = False
+    #: load DeepSpeed's files with full pickle (code in a tampered file would run); default:
+    #: ``weights_only`` with an allow-list (``pretrain.checkpoint.deepspeed_compat``)
+    trust_pickles: bool = False
 
     def __post_init__(self) -> None:
         check(self.interval >= 0, "checkpoint.interval", "must be >= 0 (0: only on signal/exit)")
@@ -184,12 +212,42 @@ class TrainConfig:
         return to_dict(self)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML would keep the
+    last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r} (first at line {seen[key].line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with duplicate keys refused (``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one ``dotted.key=value`` override (value parsed as YAML) to ``data`` in place."""
     key, sep, raw = assignment.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {assignment!r} is not of the form dotted.key=value")
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = parse_yaml(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        detail = " ".join(str(e).split())
+        raise ConfigError(
+            f"override {assignment!r}: the value {raw!r} is not valid YAML ({detail})"
+        ) from None
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
@@ -210,7 +268,9 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = parse_yaml(path.read_text())
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):

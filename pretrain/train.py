@@ -57,15 +57,10 @@ def prepare(cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, env, tokenizer, blend) -> int:
-    """Run (or resume) the job on this rank; returns its exit code."""
-    import yaml
-
+    """Run (or resume) the job on this rank; returns its exit code. The run dir is created,
+    locked and its ``config.yaml`` written by rank 0 in ``Trainer.setup``."""
     from pretrain.training.trainer import Trainer
 
-    if env.rank == 0:
-        run_dir = Path(cfg.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     trainer = Trainer(cfg, env, tokenizer, blend, stop=STOP)
     trainer.setup()
     code = trainer.run()

@@ -27,6 +27,7 @@ from pretrain.training.data import build_datasets, micro_batches
 from pretrain.training.flops import flops_per_token, peak_tflops
 from pretrain.training.lr_schedule import lr_at
 from pretrain.training.metrics import Metrics, memory_gb
+from pretrain.training.run_lock import RunDirBusy, RunLock
 from pretrain.training.signals import StopRequest
 from pretrain.training.versions import library_versions
 
@@ -55,6 +56,8 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0
         self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.lock: RunLock | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -66,6 +69,7 @@ class Trainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.accumulation = cfg.grad_accumulation(self.world)
         self.device = distributed.device()
+        self._lock_run_dir()
         rng.seed_everything(cfg.training.seed)
         self.metrics = Metrics(
             cfg.tensorboard_dir,
@@ -93,10 +97,31 @@ class Trainer:
             cfg.checkpoint.keep_last,
             cfg.checkpoint.verify,
             cfg.checkpoint.fsync,
+            trust_pickles=cfg.checkpoint.trust_pickles,
         )
         self.flops_per_token = flops_per_token(cfg.model)
         self.peak = peak_tflops(cfg.logging.peak_tflops)
         self._resume()
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 takes the run dir's lock (every rank refuses when another job holds it), then
+        writes the resolved config: nothing in a live run's directory is touched before."""
+        import yaml
+
+        busy: list[str | None] = [None]
+        if self.rank == 0:
+            self.lock = RunLock(self.cfg.run_dir)
+            try:
+                self.lock.acquire()
+            except RunDirBusy as e:
+                busy[0] = str(e)
+        dist.broadcast_object_list(busy, src=0)
+        if busy[0] is not None:
+            raise RunDirBusy(busy[0])
+        if self.rank == 0:
+            (Path(self.cfg.run_dir) / "config.yaml").write_text(
+                yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+            )
 
     def _resume(self) -> None:
         tag = self.checkpoints.latest()
@@ -226,6 +251,18 @@ class Trainer:
             )
         if skipped:
             self.skipped_steps += 1
+            self.consecutive_skips += 1
+            limit = cfg.training.max_consecutive_skips
+            if limit and self.consecutive_skips > limit:
+                first = self.step + 2 - self.consecutive_skips
+                raise NonFiniteError(
+                    f"steps {first}-{self.step + 1}: {self.consecutive_skips} consecutive steps "
+                    f"had a non-finite loss or gradient and were skipped (more than "
+                    f"training.max_consecutive_skips={limit}); halting: the run is not training "
+                    "(lower optimizer.lr, check the data, or resume from an earlier checkpoint)"
+                )
+        else:
+            self.consecutive_skips = 0
         mean = torch.stack(losses).mean()
         dist.all_reduce(mean, group=parallel_state.get_data_parallel_group())
         return StepResult(loss=mean.item() / self.dp, grad_norm=grad_norm, skipped=skipped)
@@ -318,9 +355,15 @@ class Trainer:
         )
         t0 = time.perf_counter()
         files = {TOKENIZER_FILE: self.tokenizer.model_path}
-        path = self.checkpoints.save(self.engine, self.step, state, rng.capture(), files)
+        # before the first checkpoint: fp32 weights + Adam's fp32 master copy and two moments
+        estimate = 16 * self.num_params
+        path = self.checkpoints.save(
+            self.engine, self.step, state, rng.capture(), files, estimate_bytes=estimate
+        )
         self.metrics.print(f"[ckpt] saved {path} in {time.perf_counter() - t0:.1f}s")
 
     def close(self) -> None:
         self.metrics.close()
+        if self.lock is not None:
+            self.lock.release()
         distributed.shutdown()
