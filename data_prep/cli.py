@@ -137,6 +137,7 @@ def cmd_check(args) -> None:
 
     manifest = load_manifest(args.manifest)
     tok = manifest.tokenizer()
+    manifest.check_files()
     manifest.check_nonempty()
     for entry in manifest.entries():
         index, tokens = read_tokens(entry.prefix)
@@ -268,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the empty-split check")
     p.set_defaults(func=cmd_blend)
 
-    p = sub.add_parser("check", help="check a manifest: files, tokenizer, no empty split")
+    p = sub.add_parser(
+        "check", help="check a manifest: files (.bin sizes against .idx), tokenizer, no empty split"
+    )
     p.add_argument("manifest")
     p.add_argument("--ids", action="store_true", help="also check every id < vocab size")
     p.set_defaults(func=cmd_check)
@@ -280,11 +283,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse output paths inside a run/checkpoint dir, under a regular file or of the wrong
+    kind, before any command writes anything (``data_prep.guard``)."""
+    from data_prep.guard import check_output
+
+    for option, kind in (("out_dir", "dir"), ("export_hub_layout", "dir"), ("out", "file")):
+        value = getattr(args, option, None)
+        if value:
+            check_output(value, f"--{option.replace('_', '-')}", kind)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_outputs(args)
         args.func(args)
     except DataPrepError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file the user named: unreadable, not a directory, disk full
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     return 0

@@ -25,6 +25,7 @@ def consolidate(source, out: str | Path, dtype: str = "fp32") -> Path:
     from pretrain.checkpoint import consolidated
     from pretrain.checkpoint.reader import Checkpoint, full_state_dict, open_checkpoint
 
+    check_out(out)
     ck = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     return consolidated.save(
         out,
@@ -34,6 +35,24 @@ def consolidate(source, out: str | Path, dtype: str = "fp32") -> Path:
         tokenizer_model=Path(ck.tokenizer.model_path),
         dtype=dtype,
     )
+
+
+def check_out(out: str | Path) -> None:
+    """Refuse an output inside/above a run or checkpoint dir, a directory, or an existing file
+    that is not an earlier consolidated checkpoint (``ConfigError`` naming it)."""
+    from data_prep.guard import check_output
+    from pretrain.errors import CheckpointError, ConfigError
+
+    check_output(out, "--out", "file", error=ConfigError)
+    if Path(out).is_file():
+        from pretrain.checkpoint.consolidated import load
+
+        try:
+            load(out)
+        except CheckpointError:
+            raise ConfigError(
+                f"--out {out} exists and is not a consolidated checkpoint: not overwritten"
+            ) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.errors import CheckpointError
 
         t0 = time.monotonic()
+        check_out(args.out)
         ck = open_checkpoint(args.checkpoint, args.tag)
         if is_consolidated(ck.tag_dir):
             raise CheckpointError(f"{ck.tag_dir} is already consolidated")

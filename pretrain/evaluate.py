@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
+        from pretrain.evaluation.checks import check_args
+
+        check_args(args)  # before torch loads: bad numbers, --tokenizer, unsafe --out
         from pretrain.evaluation.driver import run, summary, write_outputs
         from pretrain.parallel.distributed import shutdown
 

@@ -56,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
-        from pretrain.checkpoint.reader import open_checkpoint
         from pretrain.errors import ConfigError
+        from pretrain.export.output import check_export_dir
+
+        check_export_dir(args.out)  # before anything loads or is written
+        from pretrain.checkpoint.reader import open_checkpoint
         from pretrain.export.hf import export
 
         try:

@@ -14,12 +14,12 @@ import torch
 from model import ModelConfig
 from pretrain.errors import ConfigError
 from pretrain.export import gpt2, llama
+from pretrain.export.output import METADATA, check_export_dir
 from pretrain.export.tokenizer import PROBES, write_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: architecture name -> its weight adapter (``hf_config``, ``model_class``, ``convert``)
 ADAPTERS = {"llama": llama, "gpt2": gpt2}
-METADATA = "twicing_export.json"
 
 
 class ExportError(ConfigError):
@@ -82,6 +82,7 @@ def export(
 ) -> dict[str, Any]:
     """Export ``source`` (an opened ``Checkpoint`` or any path ``open_checkpoint`` takes) to
     ``out``; returns the metadata written to ``twicing_export.json``."""
+    out = check_export_dir(out)
     import transformers
 
     from pretrain.checkpoint.reader import Checkpoint, full_state_dict, open_checkpoint
@@ -100,8 +101,7 @@ def export(
     if ck.model.tied_embeddings:
         model.tie_weights()
     model = model.to(DTYPES[dtype]).eval()
-    out = Path(out)
-    if out.exists():
+    if out.exists():  # an earlier export (check_export_dir refused anything else)
         shutil.rmtree(out)
     out.mkdir(parents=True)
     model.save_pretrained(str(out), safe_serialization=True)
