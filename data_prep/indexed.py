@@ -82,7 +82,7 @@ def write_dataset(prefix: str | Path, tokens: np.ndarray, doc_lens: np.ndarray, 
 def read_index(path: str | Path) -> Index:
     """Parse an ``.idx`` file (checks the header, version and sizes)."""
     data = Path(path).read_bytes()
-    if data[:9] != HEADER or struct.unpack_from("<Q", data, 9)[0] != 1:
+    if len(data) < 34 or data[:9] != HEADER or struct.unpack_from("<Q", data, 9)[0] != 1:
         raise ValueError(f"{path}: not an MMIDIDX v1 index")
     code = data[17]
     if code not in CODE_DTYPES:
@@ -95,6 +95,13 @@ def read_index(path: str | Path) -> Index:
     if off + 12 * n_seq + 8 * n_doc != len(data):
         raise ValueError(f"{path}: size does not match its counts")
     return Index(CODE_DTYPES[code], seq_lens, pointers, doc_idx)
+
+
+def expected_bin_size(index: Index) -> int:
+    """Bytes the ``.bin`` of ``index`` must have (its last sequence's end)."""
+    if not len(index.seq_lens):
+        return 0
+    return int(index.pointers[-1]) + int(index.seq_lens[-1]) * index.dtype.itemsize
 
 
 def read_tokens(prefix: str | Path) -> tuple[Index, np.ndarray]:

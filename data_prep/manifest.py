@@ -19,14 +19,28 @@ document in a split.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.atomic import read_json, write_json
 from data_prep.errors import DataPrepError, EmptySplitError
-from data_prep.indexed import read_index
-from data_prep.splits import SPLIT_NAMES, split_ranges
+from data_prep.indexed import Index, expected_bin_size
+from data_prep.indexed import read_index as _read_index
+from data_prep.splits import SPLIT_NAMES, parse_split, split_ranges
 from data_prep.tokenizer import SentencePieceTokenizer
+
+
+def read_index(path: str | Path) -> Index:
+    """The index at ``path``; ``DataPrepError`` naming it when it is missing or damaged."""
+    try:
+        return _read_index(path)
+    except FileNotFoundError:
+        raise DataPrepError(f"{path} does not exist") from None
+    except (ValueError, OSError) as e:
+        raise DataPrepError(f"{path} is not a readable indexed-dataset index: {e}") from None
+
 
 FORMAT = "twicing-lm/data-manifest-v1"
 
@@ -56,6 +70,8 @@ class Manifest:
             raise DataPrepError("a manifest has either blend + split or blend_per_split")
         if self.blend is not None and not self.split:
             raise DataPrepError("a manifest with a blend needs a split string such as '949,50,1'")
+        if self.split is not None:
+            check_split(self.split)
         if self.blend_per_split is not None:
             unknown = set(self.blend_per_split) - set(SPLIT_NAMES)
             if unknown:
@@ -63,8 +79,10 @@ class Manifest:
             if not self.blend_per_split.get("train"):
                 raise DataPrepError("blend_per_split needs a train blend")
         for entry in self.entries():
-            if not entry.weight >= 0:
-                raise DataPrepError(f"{entry.prefix}: weight must be >= 0, got {entry.weight}")
+            if not (entry.weight >= 0 and math.isfinite(entry.weight)):
+                raise DataPrepError(
+                    f"{entry.prefix}: weight must be a finite number >= 0, got {entry.weight}"
+                )
 
     def entries(self) -> list[BlendEntry]:
         if self.blend is not None:
@@ -101,6 +119,22 @@ class Manifest:
         return tok
 
     # ------------------------------------------------------------------------------ checks
+    def check_files(self) -> None:
+        """Every dataset's ``.idx`` parses and its ``.bin`` has exactly the bytes the index
+        describes (a truncated or padded ``.bin`` is a ``DataPrepError`` naming it)."""
+        for entry in dict.fromkeys(self.entries()):
+            index = read_index(f"{entry.prefix}.idx")
+            binary = Path(f"{entry.prefix}.bin")
+            if not binary.is_file():
+                raise DataPrepError(f"{binary} does not exist (manifest {self.path})")
+            size, expected = binary.stat().st_size, expected_bin_size(index)
+            if size != expected:
+                raise DataPrepError(
+                    f"{binary} has {size:,} bytes but {entry.prefix}.idx describes {expected:,} "
+                    f"({'truncated' if size < expected else 'extra bytes'}): rebuild it with "
+                    "python -m data_prep tokenize"
+                )
+
     def check_nonempty(self) -> None:
         """Raise :class:`EmptySplitError` when a corpus with weight > 0 has no document
         (sequence) in a split it feeds, computed exactly as megatron-core 0.16.1 splits."""
@@ -191,6 +225,25 @@ class Manifest:
         return path
 
 
+def check_split(split: object) -> str:
+    """``split`` if it is a megatron split string such as ``"949,50,1"`` (up to three
+    non-negative numbers, not all 0), else a ``DataPrepError`` naming it."""
+    numbers = str(split).replace(" ", "").split(",") if isinstance(split, str) else []
+    try:
+        ok = 1 <= len(numbers) <= len(SPLIT_NAMES) and all(
+            math.isfinite(float(x)) and float(x) >= 0 for x in numbers
+        )
+        ok = ok and bool(parse_split(split))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise DataPrepError(
+            f"split {split!r} is not a split string: give up to three non-negative numbers for "
+            "train,valid,test, e.g. '949,50,1'"
+        )
+    return split
+
+
 def _entries(raw, base: Path, where: str) -> list[BlendEntry]:
     if not isinstance(raw, list):
         raise DataPrepError(f"{where}: expected a list of {{prefix, weight}}")
@@ -213,14 +266,21 @@ def load_manifest(path: str | Path) -> Manifest:
     path = Path(path).resolve()
     if not path.is_file():
         raise DataPrepError(f"manifest {path} does not exist")
-    raw = read_json(path)
+    try:
+        raw = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataPrepError(f"manifest {path} is not valid JSON (truncated?): {e}") from None
+    if not isinstance(raw, dict):
+        raise DataPrepError(f"manifest {path}: expected a JSON object")
     base = path.parent
     if raw.get("format") != FORMAT:
         raise DataPrepError(f"{path}: format is {raw.get('format')!r}, expected {FORMAT!r}")
     tok = raw.get("tokenizer") or {}
-    if "model" not in tok:
+    if not isinstance(tok, dict) or not isinstance(tok.get("model"), str):
         raise DataPrepError(f"{path}: no tokenizer.model")
     bps = raw.get("blend_per_split")
+    if bps is not None and not isinstance(bps, dict):
+        raise DataPrepError(f"{path}: blend_per_split must be an object of splits")
     return Manifest(
         tokenizer_model=(base / tok["model"]).resolve(),
         tokenizer_sha256=tok.get("sha256"),

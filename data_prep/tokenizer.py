@@ -37,7 +37,13 @@ class SentencePieceTokenizer:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise DataPrepError(f"tokenizer model {self.model_path} does not exist")
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
+        except (RuntimeError, OSError) as e:
+            detail = " ".join(str(e).split())[:200]
+            raise DataPrepError(
+                f"tokenizer model {self.model_path} is not a sentencepiece model ({detail})"
+            ) from None
         self.sha256 = file_sha256(self.model_path)
         self.vocab_size: int = self.sp.get_piece_size()
         self.eod: int = self.sp.eos_id()

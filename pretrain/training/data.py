@@ -99,6 +99,7 @@ def load_data(cfg) -> tuple[Any, dict[str, Any]]:
 
     try:
         manifest = load_manifest(cfg.data.manifest)
+        manifest.check_files()  # a truncated .bin would crash mid-run
         manifest.check_nonempty()
         tokenizer = manifest.tokenizer()
         blend = manifest.gpt_dataset_kwargs()
