@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.errors import ConfigError
+from pretrain.evaluation.checks import check_args
 from pretrain.evaluation.scorer import token_nll
 
 
@@ -57,10 +58,12 @@ def evaluate_text(
     return {
         "token_ppl": totals.token_ppl,
         "word_ppl": math.exp(totals.nll / text.words),
+        "word_ppl_eol": math.exp(totals.nll / (text.words + text.line_ends)),
         "bits_per_byte": totals.nll / math.log(2) / text.bytes,
         "nll_sum": totals.nll,
         "tokens": totals.targets,
         "words": text.words,
+        "words_eol": text.words + text.line_ends,
         "bytes": text.bytes,
         "documents": len(text.documents),
     }
@@ -80,7 +83,8 @@ def _load_text(args: argparse.Namespace):
 
 def _stride(args: argparse.Namespace, length: int) -> int:
     """The window stride of the chosen protocol (validated against ``length``)."""
-    stride = length if args.protocol == "segments" else (args.stride or max(1, length // 2))
+    default = max(1, length // 2) if args.stride is None else args.stride
+    stride = length if args.protocol == "segments" else default
     if not 1 <= stride <= length:
         raise ConfigError(f"--stride {stride} must be between 1 and the window length {length}")
     return stride
@@ -109,11 +113,15 @@ def _report(args, text, *, length, stride, results, swap_logs, t0, **source) -> 
             "spec": args.data,
             "documents": len(text.documents),
             "words": text.words,
+            "words_eol": text.words + text.line_ends,
             "bytes": text.bytes,
             "lines": text.lines,
         },
         "protocol": {"name": args.protocol, "length": length, "stride": stride},
-        **{k: clean[k] for k in ("token_ppl", "word_ppl", "bits_per_byte", "tokens", "words")},
+        **{
+            k: clean[k]
+            for k in ("token_ppl", "word_ppl", "word_ppl_eol", "bits_per_byte", "tokens", "words")
+        },
         "results": results,
         "swap_seed": args.swap_seed,
         "elapsed_s": time.monotonic() - t0,
@@ -127,6 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pretrain.evaluation.scorer import CheckpointScorer
 
     t0 = time.monotonic()
+    check_args(args)
     scorer = HFScorer(args) if args.hf_model is not None else CheckpointScorer(args)
     text = _load_text(args)
     length = args.length or scorer.seq_length
@@ -214,7 +223,7 @@ def write_outputs(report: dict, args) -> Path:
     with SummaryWriter(str(tb)) as w:
         for r in report["results"]:
             suffix = "" if r["swap_rate"] == 0 else f"_swap{r['swap_rate']}"
-            for key in ("token_ppl", "word_ppl", "bits_per_byte"):
+            for key in ("token_ppl", "word_ppl", "word_ppl_eol", "bits_per_byte"):
                 w.add_scalar(f"eval/{key}{suffix}", r[key], report["step"] or 0)
         if report["oversmoothing"]:
             for i, v in enumerate(report["oversmoothing"]["layers"]):
@@ -233,13 +242,18 @@ def summary(report: dict, out: Path) -> str:
         f"data {report['data']['spec']}: {report['data']['documents']} docs, "
         f"{report['data']['words']:,} words; protocol {p['name']} length {p['length']} "
         f"stride {p['stride']}; TP {report['tensor_parallel']}",
-        f"{'swap p':>7} {'tokens':>10} {'token ppl':>10} {'word ppl':>10} {'bits/byte':>10}",
+        f"{'swap p':>7} {'tokens':>10} {'token ppl':>10} {'word ppl':>10} "
+        f"{'word+eol ppl':>12} {'bits/byte':>10}",
     ]
     for r in report["results"]:
         lines.append(
             f"{r['swap_rate']:>7.3f} {r['tokens']:>10,} {r['token_ppl']:>10.3f} "
-            f"{r['word_ppl']:>10.3f} {r['bits_per_byte']:>10.4f}"
+            f"{r['word_ppl']:>10.3f} {r['word_ppl_eol']:>12.3f} {r['bits_per_byte']:>10.4f}"
         )
+    lines.append(
+        "word ppl: whitespace words (Megatron's adjusted ppl); word+eol ppl: words + one "
+        "end-of-line per line (Transformer-XL / lmtool WikiText-103 numbers)"
+    )
     if report["oversmoothing"]:
         curve = " ".join(f"{v:.3f}" for v in report["oversmoothing"]["layers"])
         lines.append(f"over-smoothing (layer 0..L): {curve}")

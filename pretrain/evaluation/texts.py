@@ -38,6 +38,12 @@ class EvalText:
     def lines(self) -> int:
         return sum(d.count("\n") for d in self.documents)
 
+    @property
+    def line_ends(self) -> int:
+        """End-of-line symbols of the Transformer-XL / lmtool convention: one per line of the
+        text (a last line without ``\\n`` counts too), blank lines included."""
+        return sum(d.count("\n") + (not d.endswith("\n")) for d in self.documents)
+
     def token_stream(self, tokenizer) -> list[int]:
         """``[eod] + Σ (encode(doc) + [eod])``: every token of every document (and each document's
         end) is a prediction target, each document read after an EOD as in training."""
