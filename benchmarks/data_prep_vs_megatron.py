@@ -218,6 +218,16 @@ def main() -> None:
     ours_out, meg_out = work / "out-ours", work / "out-megatron"
     print(f"input: {mix} ({mix.stat().st_size / 1e6:.1f} MB of JSONL); tokenizer: {model}")
     print(f"workers: {args.workers}; cores: {os.cpu_count()}; load before: {load()}")
+    if args.megatron_lm:
+        probe = "import megatron.core as m; print(m.__version__, m.__file__)"
+        env = subprocess.run(
+            [args.megatron_python, "-W", "ignore", "-c", probe],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        script = Path(args.megatron_lm) / "tools" / "preprocess_data.py"
+        print(f"megatron: {script}; megatron-core {env.stdout.strip()}")
 
     rows = []
     for r in range(1, args.rounds + 1):
@@ -231,6 +241,8 @@ def main() -> None:
         row["ours"] = timed(ours_cmd(args, mix, model, ours_out), ROOT, work / "ours.log")
         stats = json.loads((ours_out / "mix_text_document.stats.json").read_text())
         if args.megatron_lm:
+            if not (meg_out / "mix_text_document.idx").is_file():  # it exits 0 when a worker dies
+                sys.exit(f"Megatron wrote no .idx: see {work / 'megatron.log'}")
             row["identical"] = same_files(
                 ours_out / "mix_text_document", meg_out / "mix_text_document"
             )
