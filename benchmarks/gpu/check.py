@@ -300,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
 
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # leave the device to the training subprocesses
     plan = training.make_plan(args.dry_run, work, log, deadline)
     manifest, evaluation = training.make_data(
         plan, tokens=1_200_000 if not args.dry_run else 40_000, seed=seed
