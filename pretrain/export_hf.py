@@ -1,8 +1,10 @@
-"""Export a softmax-attention checkpoint as a Hugging Face ``transformers`` model.
+"""Export a checkpoint as a Hugging Face ``transformers`` model.
 
-``python -m pretrain.export_hf --checkpoint RUN_DIR|step_dir|model.pt --out DIR [--dtype bf16]``
+``python -m pretrain.export_hf --checkpoint RUN_DIR|step_dir|model.pt --out DIR [--dtype bf16]
+[--arch auto|llama|gpt2|twicing]``
 
-The architecture follows the model config (every layer must use softmax attention):
+The architecture follows the model config (``--arch auto``, the default). A model whose every
+layer is softmax attention exports to stock code:
 
 * **Llama** (``LlamaForCausalLM``): RoPE (non-interleaved, rotate-half — megatron-core's default
   and HF's), RMSNorm, SwiGLU, with or without linear biases (``attention_bias``/``mlp_bias``),
@@ -11,17 +13,28 @@ The architecture follows the model config (every layer must use softmax attentio
   ``activation_function="gelu"``) or ReLU; a model without linear biases gets zero biases and a
   GQA model has its key/value heads repeated (both exact).
 
-Other combinations, and any model with a twicing (or other non-softmax) layer, are refused: no
-standard architecture computes them. Weights are the TP=1 merge of the checkpoint; the
-vocabulary keeps megatron's padded size (``model.padded_vocab_size``) so logits and the softmax
-normaliser are those of the trained model; embeddings stay tied when they were.
+Any other model — twicing (all or some layers), NeuTRENO, ResFormer, SVFormer, Neural Attention,
+GQA included, or a softmax model no stock architecture matches — exports as **custom modeling
+code** (``--arch twicing``): ``configuration_twicing.py`` and ``modeling_twicing.py`` are copied
+into ``DIR`` and ``config.json``'s ``auto_map`` names them, so
+``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` loads it offline without
+twicing-lm installed. The per-layer variants (``layer_variants``) and their options
+(``attention_options``: λ, d′) are in the config; ``generate()`` decodes with transformers' cache
+(twicing layers also cache their first-pass output O1, first-value variants read layer 0's V
+cache); the padded vocabulary rows are ``suppress_tokens`` in ``generation_config.json``.
+``--arch llama|gpt2`` refuses a model that stock architecture cannot compute.
+
+Weights are the TP=1 merge of the checkpoint; the vocabulary keeps megatron's padded size
+(``model.padded_vocab_size``) so logits and the softmax normaliser are those of the trained
+model; embeddings stay tied when they were.
 
 ``DIR`` then holds ``config.json``, ``generation_config.json``, ``model.safetensors``, the run's
 sentencepiece model ``tokenizer.model`` (token ids are exactly ``sp.encode(text)``), and —
 when the sentencepiece model is a BPE with identity normalisation (what ``data_prep`` trains) —
 ``tokenizer.json`` + ``tokenizer_config.json`` reproducing those ids, verified at export time, so
 ``AutoTokenizer.from_pretrained(DIR)`` works; ``twicing_export.json`` records the source
-checkpoint. Load offline with ``AutoModelForCausalLM.from_pretrained(DIR)``.
+checkpoint. Load offline with ``AutoModelForCausalLM.from_pretrained(DIR)`` (plus
+``trust_remote_code=True`` for custom code).
 
 Exit codes: 0 done, 2 not exportable / bad arguments, 4 missing or damaged checkpoint.
 """
@@ -49,6 +62,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
     p.add_argument("--out", required=True, type=Path, help="output directory (replaced)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
+    p.add_argument(
+        "--arch",
+        default="auto",
+        help="auto (stock Llama/GPT-2 when it fits, else custom code), llama, gpt2 or twicing",
+    )
     return p.parse_args(argv)
 
 
@@ -64,12 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.export.hf import export
 
         try:
-            meta = export(open_checkpoint(args.checkpoint, args.tag), args.out, args.dtype)
+            ck = open_checkpoint(args.checkpoint, args.tag)
+            meta = export(ck, args.out, args.dtype, arch=args.arch)
         except ImportError as e:
             raise ConfigError(f"{e}; install the hf extra: pip install -e '.[hf]'") from None
         print(
             f"exported {meta['source']} (step {meta['step']}) as {meta['architecture']} "
-            f"({meta['dtype']}) to {args.out}; {meta['tokenizer']['note']}"
+            f"({meta['dtype']}{', custom code: trust_remote_code=True' * meta['trust_remote_code']}"
+            f") to {args.out}; {meta['tokenizer']['note']}"
         )
         return 0
 

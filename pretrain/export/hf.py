@@ -13,13 +13,16 @@ import torch
 
 from model import ModelConfig
 from pretrain.errors import ConfigError
-from pretrain.export import gpt2, llama
+from pretrain.export import gpt2, llama, remote
 from pretrain.export.output import METADATA, check_export_dir
 from pretrain.export.tokenizer import PROBES, write_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-#: architecture name -> its weight adapter (``hf_config``, ``model_class``, ``convert``)
-ADAPTERS = {"llama": llama, "gpt2": gpt2}
+#: architecture name -> its weight adapter (``hf_config``, ``model_class``, ``convert``);
+#: ``twicing`` is custom modeling code written into the export (``trust_remote_code=True``)
+ADAPTERS = {"llama": llama, "gpt2": gpt2, "twicing": remote}
+#: what ``export(arch=...)`` / ``--arch`` takes: ``auto`` picks a stock architecture when one fits
+ARCHS = ("auto", *ADAPTERS)
 
 
 class ExportError(ConfigError):
@@ -27,16 +30,40 @@ class ExportError(ConfigError):
 
 
 # ---------------------------------------------------------------------------- architecture
-def architecture(cfg: ModelConfig) -> str:
-    """``"llama"`` or ``"gpt2"`` for ``cfg``; raises ``ExportError`` naming what does not fit."""
+def architecture(cfg: ModelConfig, arch: str = "auto") -> str:
+    """The adapter for ``cfg``: ``"llama"`` or ``"gpt2"`` (stock ``transformers``) when every
+    layer is softmax and the rest fits, else ``"twicing"`` (custom code). ``arch`` forces one;
+    ``ExportError`` names what does not fit."""
+    if arch not in ARCHS:
+        raise ExportError(f"unknown export architecture {arch!r}; known: {', '.join(ARCHS)}")
+    if arch in ("auto", "twicing"):
+        why = remote.unsupported(cfg)
+        if why is not None:
+            raise ExportError(f"cannot export with custom modeling code: {why}")
+    if arch == "twicing":
+        return arch
+    try:
+        stock = _stock_architecture(cfg)
+    except ExportError:
+        if arch == "auto":
+            return "twicing"
+        raise
+    if arch not in ("auto", stock):
+        raise ExportError(
+            f"--arch {arch} does not fit this model (it matches {stock}): use --arch {stock}, "
+            "auto or twicing"
+        )
+    return stock
+
+
+def _stock_architecture(cfg: ModelConfig) -> str:
     other = [i for i in range(cfg.num_layers) if cfg.variant_of_layer(i) != "softmax"]
     if other:
         variants = sorted({cfg.variant_of_layer(i) for i in other})
         raise ExportError(
             f"layers {other} use {'/'.join(variants)} attention: no standard transformers "
-            "architecture computes it (twicing is (2A − A²)V, not softmax(QKᵀ)V), so the model "
-            "cannot be exported to Hugging Face. Only softmax-attention models export "
-            "(model.attention=softmax or model.attention_layers=none)"
+            "architecture computes it (twicing is (2A − A²)V, not softmax(QKᵀ)V); export with "
+            "--arch auto or twicing (custom modeling code, loaded with trust_remote_code=True)"
         )
     key = (cfg.position_embedding, cfg.normalization, cfg.activation)
     if key == ("rope", "RMSNorm", "swiglu"):
@@ -49,24 +76,27 @@ def architecture(cfg: ModelConfig) -> str:
     raise ExportError(
         f"no standard transformers architecture matches position_embedding="
         f"{cfg.position_embedding}, normalization={cfg.normalization}, activation="
-        f"{cfg.activation}; exportable: rope + RMSNorm + swiglu (Llama) or learned_absolute + "
-        "LayerNorm + gelu|relu (GPT-2)"
+        f"{cfg.activation}; exportable to stock code: rope + RMSNorm + swiglu (Llama) or "
+        "learned_absolute + LayerNorm + gelu|relu (GPT-2); any model exports with --arch auto "
+        "or twicing (custom modeling code)"
     )
 
 
-def hf_config(cfg: ModelConfig, tokenizer, dtype: torch.dtype):
+def hf_config(cfg: ModelConfig, tokenizer, dtype: torch.dtype, arch: str = "auto"):
     """The ``transformers`` config of ``cfg``'s architecture."""
     special = {
         "bos_token_id": tokenizer.bos if tokenizer.bos >= 0 else None,
         "eos_token_id": tokenizer.eod,
         "pad_token_id": tokenizer.pad if tokenizer.pad >= 0 else None,
     }
-    return ADAPTERS[architecture(cfg)].hf_config(cfg, special, dtype)
+    return ADAPTERS[architecture(cfg, arch)].hf_config(cfg, special, dtype)
 
 
-def convert_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_state_dict(
+    cfg: ModelConfig, sd: dict[str, torch.Tensor], arch: str = "auto"
+) -> dict[str, torch.Tensor]:
     """Our TP=1 megatron-core weights → the HF architecture's parameter names and layouts."""
-    arch = architecture(cfg)
+    arch = architecture(cfg, arch)
     sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
     out = ADAPTERS[arch].convert(cfg, sd.pop)
     if not cfg.tied_embeddings:
@@ -78,19 +108,24 @@ def convert_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
 
 # ---------------------------------------------------------------------------- export
 def export(
-    source, out: str | Path, dtype: str = "fp32", probes: list[str] | None = None
+    source,
+    out: str | Path,
+    dtype: str = "fp32",
+    probes: list[str] | None = None,
+    arch: str = "auto",
 ) -> dict[str, Any]:
     """Export ``source`` (an opened ``Checkpoint`` or any path ``open_checkpoint`` takes) to
-    ``out``; returns the metadata written to ``twicing_export.json``."""
+    ``out`` as ``arch`` (see :func:`architecture`); returns the metadata written to
+    ``twicing_export.json``."""
     out = check_export_dir(out)
     import transformers
 
     from pretrain.checkpoint.reader import Checkpoint, full_state_dict, open_checkpoint
 
     ck = source if isinstance(source, Checkpoint) else open_checkpoint(source)
-    arch = architecture(ck.model)  # refuse before reading any weights
-    config = hf_config(ck.model, ck.tokenizer, DTYPES[dtype])
-    weights = convert_state_dict(ck.model, full_state_dict(ck))
+    arch = architecture(ck.model, arch)  # refuse before reading any weights
+    config = hf_config(ck.model, ck.tokenizer, DTYPES[dtype], arch)
+    weights = convert_state_dict(ck.model, full_state_dict(ck), arch)
     model = ADAPTERS[arch].model_class()(config)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if ck.model.tied_embeddings else set()
@@ -104,7 +139,13 @@ def export(
     if out.exists():  # an earlier export (check_export_dir refused anything else)
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    if arch == "twicing":
+        # the padded embedding rows are no tokens: generate() never picks them (as ours)
+        padding = list(range(ck.tokenizer.vocab_size, ck.model.padded_vocab_size))
+        model.generation_config.suppress_tokens = padding or None
     model.save_pretrained(str(out), safe_serialization=True)
+    if arch == "twicing":
+        remote.write_code(out)
     tokenizer_note = write_tokenizer(ck.tokenizer, out, PROBES + list(probes or []))
     meta = {
         "architecture": config.architectures[0],
@@ -121,6 +162,7 @@ def export(
             "note": tokenizer_note,
         },
         "transformers": transformers.__version__,
+        "trust_remote_code": arch == "twicing",
     }
     (out / METADATA).write_text(json.dumps(meta, indent=1))
     return meta

@@ -1,6 +1,6 @@
 """Hugging Face export: the exported model gives our logits (≤ 1e-5) and our perplexity through
 the evaluation entry point, loads offline with ``AutoModelForCausalLM``/``AutoTokenizer``, and
-twicing (or otherwise non-standard) models are refused."""
+the stock architectures refuse twicing (or otherwise non-standard) models."""
 
 from __future__ import annotations
 
@@ -135,25 +135,34 @@ def test_bf16_export(wikitext_manifest, tmp_path, one_rank):
 
 
 @pytest.mark.parametrize(
-    ("overrides", "message"),
+    ("overrides", "arch", "message"),
     [
-        ({**LLAMA, "attention": "twicing"}, "layers [0, 1] use twicing attention"),
-        ({**GPT2, "attention": "twicing", "attention_layers": "last:1"}, "layers [1] use twicing"),
-        ({"position_embedding": "rope", "normalization": "LayerNorm"}, "no standard transformers"),
-        ({**LLAMA, "activation": "gelu"}, "no standard transformers architecture matches"),
+        ({**LLAMA, "attention": "twicing"}, "llama", "layers [0, 1] use twicing attention"),
+        (
+            {**GPT2, "attention": "twicing", "attention_layers": "last:1"},
+            "gpt2",
+            "layers [1] use twicing",
+        ),
+        ({"position_embedding": "rope", "normalization": "LayerNorm"}, "llama", "no standard"),
+        ({**LLAMA, "activation": "gelu"}, "gpt2", "no standard transformers architecture matches"),
+        ({**LLAMA}, "gpt2", "--arch gpt2 does not fit this model (it matches llama)"),
     ],
 )
-def test_non_standard_models_are_refused(
-    overrides, message, wikitext_manifest, tmp_path, capsys, one_rank
+def test_stock_architectures_refuse_what_they_cannot_compute(
+    overrides, arch, message, wikitext_manifest, tmp_path, capsys, one_rank
 ):
+    """``--arch llama|gpt2`` refuses non-standard models (``auto`` exports them as custom code,
+    tests/unit/test_export_remote_code.py) with the reason and the way out."""
     from pretrain.export_hf import main
 
     path = synthetic_checkpoint(tmp_path, wikitext_manifest, "x", **overrides)
-    assert main(["--checkpoint", str(path), "--out", str(tmp_path / "hf")]) == 2
+    argv = ["--checkpoint", str(path), "--out", str(tmp_path / "hf"), "--arch", arch]
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err
     if "twicing" in message:
-        assert "cannot be exported to Hugging Face" in err and "softmax" in err
+        assert "no standard transformers architecture computes it" in err
+        assert "trust_remote_code=True" in err
     assert not (tmp_path / "hf").exists()
 
 
