@@ -288,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = ceiling_row.get("value")
     if jit is not None:
         t = time.monotonic()
-        code = jit.wait(timeout=max(1.0, deadline - time.monotonic()))
+        try:
+            code = jit.wait(timeout=max(1.0, min(300.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            code = None  # still compiling: the first training run waits on its lock
         rows.append(
             {
                 "section": "env",
