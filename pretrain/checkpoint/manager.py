@@ -82,10 +82,11 @@ class CheckpointManager:
     ) -> Path:
         """Collective save; ``files`` (name → source) are copied into the checkpoint by rank 0.
 
-        Refused up front when the file system has less room than the last checkpoint took
-        (``estimate_bytes`` before the first one); a save that fails anyway (disk full, I/O
-        error) removes its partial step directory and raises ``CheckpointError`` saying where
-        and how much room it needed — the previous complete checkpoint is untouched."""
+        Refused up front when the file system has less room than the last checkpoint took; a
+        save that fails anyway (disk full, I/O error) removes its partial step directory and
+        raises ``CheckpointError`` saying where and how much room it needed (the last size, or
+        ``estimate_bytes`` before the first save) — the previous complete checkpoint is
+        untouched."""
         need = self._preflight(estimate_bytes)
         tag_dir = self.root / tag_of(step)
         try:
@@ -104,7 +105,8 @@ class CheckpointManager:
 
     def _preflight(self, estimate_bytes: int) -> int:
         """Bytes a save needs (the last checkpoint's size, else the estimate); raises on every
-        rank when rank 0 sees less free space than that."""
+        rank when rank 0 sees less free space than the last checkpoint took (an estimate alone
+        never refuses a save)."""
         verdict: list[Any] = [None]
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -112,7 +114,7 @@ class CheckpointManager:
             need = size or estimate_bytes
             free = shutil.disk_usage(self.root).free
             verdict[0] = (need, None)
-            if need and free < need:
+            if size and free < size:
                 verdict[0] = (
                     need,
                     f"checkpoint save failed: no space left on {self.root} (needed ~"
@@ -226,9 +228,17 @@ class CheckpointManager:
     # ---------------------------------------------------------------- load
     def latest(self) -> str | None:
         """The tag every rank will resume from (decided on rank 0), or None."""
-        tag = [latest_complete(self.root) if self.rank == 0 else None]
-        dist.broadcast_object_list(tag, src=0)
-        return tag[0]
+        found: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                found[0] = ("tag", latest_complete(self.root))
+            except CheckpointError as e:  # every rank must hear about it
+                found[0] = ("error", str(e))
+        dist.broadcast_object_list(found, src=0)
+        kind, value = found[0]
+        if kind == "error":
+            raise CheckpointError(value)
+        return value
 
     def load(self, engine, tag: str) -> Loaded:
         """Verify (every rank checks a share of the files), then restore engine + RNG."""
