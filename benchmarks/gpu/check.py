@@ -88,6 +88,16 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
             ("note", "note", "s"),
         ],
     ),
+    "profile": (
+        "Where a 1.3B twicing step's time goes (torch.profiler, device time per step)",
+        [
+            ("what", "what", "s"),
+            ("ms per step", "ms", ".2f"),
+            ("share of step", "share", ".1%"),
+            ("status", "status", "s"),
+            ("note", "note", "s"),
+        ],
+    ),
     "checkpoint": (
         "Checkpoint: save at step 10, resume, compare with an uninterrupted run",
         [("what", "what", "s"), ("result", "detail", "s"), ("status", "status", "s")],
@@ -315,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     section("checkpoint", training.checkpoint_and_entry_points, plan, manifest, evaluation)
     plan.shapes = (big,)
     section("training", training.throughput, plan, manifest, ceiling)
+    section("profile", training.profile, plan, big)
 
     rows.append(
         {

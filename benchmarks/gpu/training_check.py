@@ -459,3 +459,43 @@ def _find_number(obj, key: str) -> float | None:
             if found is not None:
                 return found
     return None
+
+
+def profile(plan: Plan, shape: Shape, variant: str = "twicing all") -> list[dict]:
+    """``profile_check.py`` on ``shape``: device time per step by kernel category."""
+    overrides = dict(VARIANTS)[variant]
+    out = plan.work / "profile.json"
+    out.unlink(missing_ok=True)
+    args = [
+        "benchmarks/gpu/profile_check.py", "--config", f"configs/{shape.preset}.yaml",
+        "--out", str(out), f"run_dir={plan.work / 'profile-run'}",
+        *shape.overrides, *plan.common, *overrides,
+    ]  # fmt: skip
+    result = run_command(plan, f"profile/{shape.name}/{variant}", args, cap=180)
+    base = {"section": "profile", "shape": shape.name, "variant": variant}
+    if result.code != 0 or not out.exists():
+        status = "SKIP" if result.code is None else "FAIL"
+        return [{**base, "id": "profile/step", "what": "step", "status": status,
+                 "note": result.tail(600)}]  # fmt: skip
+    report = json.loads(out.read_text())
+    step = report["step_seconds"]
+    rows = [
+        {
+            **base,
+            "id": "profile/step",
+            "what": "step (wall)",
+            "ms": step * 1e3,
+            "share": report["busy_seconds"] / step,
+            "status": "OK",
+            "note": "share = device-busy time / wall time",
+        }
+    ]
+    for name, seconds in report["categories"].items():
+        rows.append(
+            {**base, "id": f"profile/{name}", "what": name, "ms": seconds * 1e3,
+             "share": seconds / step, "status": "OK"}
+        )  # fmt: skip
+    top = report["top_kernels"][:5]
+    rows[0]["note"] += "; top: " + ", ".join(f"{k['name'][:40]} {k['seconds'] * 1e3:.1f} ms"
+                                              for k in top)  # fmt: skip
+    return rows

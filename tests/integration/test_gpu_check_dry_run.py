@@ -31,7 +31,8 @@ def expected_ids() -> set[str]:
     ids |= {f"speed/{b}/{s}/d{d}" for b in CONCRETE for s in SEQS for d in DIMS}
     ids |= {f"auto/{s}/d{d}" for s in SEQS for d in DIMS}
     ids |= {f"training/{shape}/{v}" for shape in ("gpt2-124m", "1.3b") for v in VARIANTS}
-    ids |= {"checkpoint/resume_bitwise", "entry/train", "entry/evaluate"}
+    ids |= {"checkpoint/resume_bitwise", "entry/train", "entry/evaluate", "profile/step"}
+    ids |= {"profile/matmul", "profile/attention"}
     ids |= {"env/matmul_ceiling", "env/wall", "env/seed", "env/torch", "env/deepspeed"}
     return ids
 
