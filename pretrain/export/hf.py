@@ -139,6 +139,9 @@ def export(
     if out.exists():  # an earlier export (check_export_dir refused anything else)
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    # the tokenizer first: its check loads AutoTokenizer, which reads config.json when present
+    # (and would ask whether to trust the custom code)
+    tokenizer_note = write_tokenizer(ck.tokenizer, out, PROBES + list(probes or []))
     if arch == "twicing":
         # the padded embedding rows are no tokens: generate() never picks them (as ours)
         padding = list(range(ck.tokenizer.vocab_size, ck.model.padded_vocab_size))
@@ -146,7 +149,6 @@ def export(
     model.save_pretrained(str(out), safe_serialization=True)
     if arch == "twicing":
         remote.write_code(out)
-    tokenizer_note = write_tokenizer(ck.tokenizer, out, PROBES + list(probes or []))
     meta = {
         "architecture": config.architectures[0],
         "source": str(ck.tag_dir),
