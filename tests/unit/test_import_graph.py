@@ -115,6 +115,7 @@ def test_data_prep_imports_nothing_of_model_or_pretrain():
         ["-m", "pretrain.train", "--help"],
         ["-m", "pretrain.evaluate", "--help"],
         ["-m", "pretrain.export_hf", "--help"],
+        ["-m", "pretrain.lm_eval", "--help"],
         ["-m", "pretrain.consolidate", "--help"],
         ["-m", "pretrain.universal", "--help"],
         ["-m", "pretrain.train", "--config", "configs/demo.yaml", "model.no_such_key=1"],
