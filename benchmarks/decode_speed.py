@@ -4,8 +4,13 @@ One model shape, two variants (softmax; twicing in all layers), at contexts 512 
 batch 1 and 8, measured side by side in one run (round-robin, medians). A *cached* step feeds one
 token against a cache holding ``context`` positions (the cache offset is rewound before every
 repeat, so each repeat does the same work); a *recompute* step is the ``--no-cache`` path, a full
-forward over ``context + 1`` tokens. Targets: cached ≥ 5× faster than recompute at 512;
-twicing ≤ 2.2× softmax with the cache (two cache reads instead of one).
+forward over ``context + 1`` tokens. One intra-op thread by default (``--threads``): a decode
+step is hundreds of small kernels, and on a shared or oversubscribed CPU their OpenMP barriers
+turn a 3 ms step into hundreds of ms at random; both sides always run with the same threads.
+Targets: cached ≥ 5× faster than recompute at 512; twicing ≤ 2.2× softmax with the cache (two
+cache reads instead of one). At this small shape a step is dominated by per-layer work besides
+the attention reads (projections, MLP, and megatron re-applying RoPE to the whole cached K,
+which its static cache stores un-rotated), so the twicing overhead is well below 2×.
 
     python benchmarks/decode_speed.py [--layers 4 --hidden 256 --heads 4] [--repeats 3]
 """
@@ -91,8 +96,10 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--repeats", type=int, default=3, help="timed recomputes (cached steps: ×10)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     init_one_rank()
     models = {name: build(name, args) for name in ("softmax", "twicing")}
     print(
