@@ -311,10 +311,11 @@ def throughput(plan: Plan, manifest: Path, ceiling: float | None, steps: int = 3
                 shutil.rmtree(plan.ckpt_dir / run_dir.name, ignore_errors=True)
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             parsed = parse_steps(result.output)
-            if result.code != 0 or len(parsed) < steps:
+            if len(parsed) < steps:
                 status = "SKIP" if result.code is None and not result.seconds else "FAIL"
                 rows.append({**row, "status": status, "note": result.tail(600)})
                 continue
+            # all steps ran: keep the numbers even if the run failed afterwards (its final save)
             timed = [s for s in parsed if s["step"] > steps // 3] or parsed
             tflops = statistics.median(s["tflops"] for s in timed)
             rows.append(
@@ -327,7 +328,10 @@ def throughput(plan: Plan, manifest: Path, ceiling: float | None, steps: int = 3
                     "peak_gib": max(s["mem_gib"] for s in parsed),
                     "final_loss": parsed[-1]["loss"],
                     "seconds": result.seconds,
-                    "status": "OK" if math.isfinite(parsed[-1]["loss"]) else "FAIL",
+                    "status": "OK"
+                    if result.code == 0 and math.isfinite(parsed[-1]["loss"])
+                    else "FAIL",
+                    "note": "" if result.code == 0 else f"exit {result.code}: {result.tail(400)}",
                 }
             )
     return rows
