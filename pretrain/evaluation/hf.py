@@ -49,18 +49,28 @@ class HFExport:
         self.tokenizer = SentencePieceTokenizer(sp_model)
         from transformers import AutoConfig
 
-        self.config = AutoConfig.from_pretrained(str(self.tag_dir), local_files_only=True)
+        # a custom-code export (every non-softmax variant) names its modeling files in auto_map
+        raw = json.loads((self.tag_dir / "config.json").read_text())
+        self.remote_code = "auto_map" in raw
+        self.config = AutoConfig.from_pretrained(
+            str(self.tag_dir), local_files_only=True, trust_remote_code=self.remote_code
+        )
         self.step = self.meta.get("step")
         self.seq_length = self.meta.get("model", {}).get("seq_length") or getattr(
             self.config, "max_position_embeddings", None
         )
-        self.learned_positions = self.config.model_type == "gpt2"
+        self.learned_positions = self.config.model_type == "gpt2" or (
+            getattr(self.config, "position_embedding", None) == "learned_absolute"
+        )
 
     def load(self):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(
-            str(self.tag_dir), local_files_only=True, dtype=torch.float32
+            str(self.tag_dir),
+            local_files_only=True,
+            dtype=torch.float32,
+            trust_remote_code=self.remote_code,
         ).eval()
 
 
@@ -77,7 +87,10 @@ class HFScorer:
         self.hf = HFExport(args.hf_model, args.tokenizer)
         self.tokenizer = self.hf.tokenizer
         self.seq_length = self.hf.seq_length
-        self.max_positions = self.hf.config.n_positions if self.hf.learned_positions else None
+        positions = getattr(self.hf.config, "n_positions", None) or getattr(
+            self.hf.config, "max_position_embeddings", None
+        )
+        self.max_positions = positions if self.hf.learned_positions else None
 
     def load(self) -> None:
         self.model = self.hf.load()

@@ -173,3 +173,23 @@ def test_unsupported_exports_are_refused(
     err = capsys.readouterr().err
     assert "layer 0 uses 'twicing' attention" in err and "does not implement" in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_evaluate_hf_model_scores_a_custom_code_export(exported):
+    """``pretrain.evaluate --hf-model`` loads a custom-code export (trust_remote_code from its
+    ``auto_map``) and scores the checkpoint's NLL on the same windows."""
+    from pretrain.evaluation.driver import evaluate_text
+    from pretrain.evaluation.hf import HFExport, hf_token_nll
+    from pretrain.evaluation.scorer import build_model
+    from pretrain.evaluation.texts import load_text
+
+    ck, hf_dir = exported["neutreno-gqa"]
+    export = HFExport(hf_dir, None)
+    assert export.remote_code and not export.learned_positions
+    hf = export.load()
+    text = load_text("wikitext-2:valid", max_documents=1)
+    kw = dict(length=64, stride=32, batch_size=4)
+    ours = evaluate_text(build_model(ck, 0, 1), ck.tokenizer, text, **kw)
+    theirs = evaluate_text(hf, ck.tokenizer, text, token_nll_fn=hf_token_nll(hf), **kw)
+    assert ours["tokens"] == theirs["tokens"] > 100
+    assert abs(ours["nll_sum"] - theirs["nll_sum"]) / ours["nll_sum"] <= 1e-6
