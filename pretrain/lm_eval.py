@@ -147,19 +147,25 @@ def run(args: argparse.Namespace) -> tuple[int, dict]:
         batch_size=args.batch_size,
     )
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=names,
-        num_fewshot=args.num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        log_samples=args.log_samples,
-        bootstrap_iters=args.bootstrap_iters,
-        random_seed=args.seed,
-        numpy_random_seed=args.seed,
-        torch_random_seed=args.seed,
-        fewshot_random_seed=args.seed,
-    )
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            num_fewshot=args.num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=args.log_samples,
+            bootstrap_iters=args.bootstrap_iters,
+            random_seed=args.seed,
+            numpy_random_seed=args.seed,
+            torch_random_seed=args.seed,
+            fewshot_random_seed=args.seed,
+        )
+    except ConnectionError as e:  # a hub dataset of a standard task, offline
+        raise ConfigError(
+            f"--tasks {args.tasks}: a task's dataset is not reachable: {e}. Offline, populate "
+            "HF_DATASETS_CACHE first or use the local tasks of configs/lm_eval"
+        ) from None
     return lm.global_rank, results
 
 

@@ -175,6 +175,22 @@ def test_unparsable_task_file_is_named(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
 
 
+def test_unreachable_task_dataset_is_named(softmax_model, tmp_path, capsys):
+    """A hub task offline (as hellaswag/arc_easy on a machine without the hub): exit 2 naming
+    the dataset, not a traceback."""
+    from pretrain.lm_eval import main
+
+    _, _, path = softmax_model
+    (tmp_path / "hub_task.yaml").write_text(
+        "task: hub_task\ndataset_path: nobody/no_such_dataset\noutput_type: multiple_choice\n"
+        "test_split: test\ndoc_to_text: q\ndoc_to_choice: c\ndoc_to_target: 0\n"
+    )
+    argv = ["--checkpoint", str(path), "--tasks", "hub_task", "--include-path", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "a task's dataset is not reachable" in err and "nobody/no_such_dataset" in err
+
+
 def test_shipped_tasks_are_offline_and_well_formed(tasks):
     """Both shipped tasks index from configs/lm_eval and build from the local text."""
     built = tasks.load_task_or_group([MC, WIKI])
