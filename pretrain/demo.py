@@ -7,7 +7,8 @@
 3. resumes from that checkpoint to the end,
 4. evaluates the final checkpoint on all of WikiText-2 valid with ``pretrain.evaluate``
    (token- and word-level perplexity, bits per byte, over-smoothing curve) and prints where the
-   results and TensorBoard logs are.
+   results and TensorBoard logs are,
+5. prints a short greedy sample of the final checkpoint (``pretrain.generate``).
 """
 
 from __future__ import annotations
@@ -94,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] checkpoints: {cfg.checkpoint_dir}")
     print(f"[demo] evaluation: {out} (+ over-smoothing plot {out.with_suffix('.png')})")
     print(f"[demo] TensorBoard: tensorboard --logdir {Path(cfg.run_dir) / 'tensorboard'}")
-    return 0
+    print("[demo] a greedy sample from the final checkpoint (incremental decoding):", flush=True)
+    sample = ["-m", "pretrain.generate", "--checkpoint", str(cfg.run_dir), "--temperature", "0"]
+    return launch(1, [*sample, "--prompt", "The history of the", "--max-new-tokens", "32"])
 
 
 if __name__ == "__main__":

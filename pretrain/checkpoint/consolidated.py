@@ -79,4 +79,14 @@ def load(path: str | Path) -> dict[str, Any]:
             f"{path} has format version {payload['format_version']}; this code reads up to "
             f"{FORMAT_VERSION}"
         )
+    for key, kind in (
+        ("trainer_state", dict),
+        ("state_dict", dict),
+        ("tokenizer_model", torch.Tensor),
+    ):
+        if not isinstance(payload.get(key), kind):
+            raise CheckpointError(
+                f"{path}: key {key!r} is missing or not a {kind.__name__}: the file is not a "
+                "complete consolidated checkpoint (write it again with pretrain.consolidate)"
+            )
     return payload

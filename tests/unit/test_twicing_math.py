@@ -122,5 +122,6 @@ def test_attend_rejects_bad_shapes():
     q = torch.randn(1, 4, 6, 8)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         attend(q, torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8))
-    with pytest.raises(ValueError, match="seq_q == seq_k"):
-        attend(q, torch.randn(1, 5, 6, 8), torch.randn(1, 5, 6, 8))
+    # causal queries are the last seq_q of seq_k positions: more queries than keys is an error
+    with pytest.raises(ValueError, match="seq_q <= seq_k"):
+        attend(q, torch.randn(1, 3, 6, 8), torch.randn(1, 3, 6, 8))
