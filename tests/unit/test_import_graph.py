@@ -118,6 +118,7 @@ def test_data_prep_imports_nothing_of_model_or_pretrain():
         ["-m", "pretrain.lm_eval", "--help"],
         ["-m", "pretrain.consolidate", "--help"],
         ["-m", "pretrain.universal", "--help"],
+        ["-m", "pretrain.generate", "--help"],
         ["-m", "pretrain.train", "--config", "configs/demo.yaml", "model.no_such_key=1"],
         ["-m", "pretrain.train", "--config", "configs/demo.yaml", "model.num_layers=zero"],
     ],
