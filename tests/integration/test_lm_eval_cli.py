@@ -52,7 +52,8 @@ def test_stock_lm_eval_command_knows_twicing(tmp_path, wikitext_manifest, one_ra
             str(tmp_path / "stock"),
         ]
     )
-    assert stock.returncode == 0, stock.stderr[-3000:]
+    hint = "(is the hook installed? python -m pretrain.lm_eval --install-plugin)"
+    assert stock.returncode == 0, f"{hint}\n{stock.stderr[-3000:]}"
     assert "twicing_wikitext_mc" in stock.stdout
     out = tmp_path / "ours.json"
     ours = run(
