@@ -94,7 +94,7 @@ def tp2_run(wikitext_manifest, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def consolidated(tp2_run):
-    out = tp2_run / "model.pt"
+    out = tp2_run.parent / "model.pt"  # beside the run: inside it is refused (issue 15)
     ((rc, output),) = run(
         ["-m", "pretrain.consolidate", "--checkpoint", str(tp2_run), "--out", str(out)], 1
     )
@@ -107,7 +107,7 @@ def test_consolidated_file_is_self_contained(tp2_run, consolidated):
 
     payload = torch.load(consolidated, map_location="cpu", weights_only=True)
     tag_dir = tp2_run / "checkpoints/step_00000003"
-    state = read_state(tag_dir)
+    state = read_state(tag_dir).to_json()
     assert payload["format"] == "twicing-lm/consolidated" and payload["format_version"] == 1
     assert payload["step"] == 3 and payload["consumed_samples"] == 24
     assert payload["trainer_state"] == state and payload["dtype"] == "float32"
