@@ -169,9 +169,7 @@ def _stage(tag_dir: Path, staging: Path, info: dict[str, Any], trust_pickles: bo
         os.symlink(f.resolve(), staging / f.name)
     for f in sorted(tag_dir.glob("*_model_states.pt")):
         sd = (
-            torch.load(f, map_location="cpu", weights_only=False)
-            if trust_pickles
-            else safe_load(f)
+            torch.load(f, map_location="cpu", weights_only=False) if trust_pickles else safe_load(f)
         )
         if "module" in sd:
             sd["module"] = _strip_extra_state(sd["module"])
