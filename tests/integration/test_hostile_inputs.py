@@ -105,6 +105,25 @@ def test_latest_naming_another_runs_checkpoint_is_refused(base_run, wikitext_man
     assert not (other / "checkpoints" / "universal").exists()
 
 
+def test_a_trainer_state_without_keys_is_refused_naming_the_key(
+    base_run, wikitext_manifest, tmp_path
+):
+    from pretrain.checkpoint.layout import CHECKSUMS, file_digest
+
+    run_dir = copy_run(base_run, tmp_path / "nokeys")
+    tag = run_dir / "checkpoints" / "step_00000004"
+    (tag / "trainer_state.json").write_text("{}")
+    sums = json.loads((tag / CHECKSUMS).read_text())
+    sums["trainer_state.json"] = file_digest(tag / "trainer_state.json")
+    (tag / CHECKSUMS).write_text(json.dumps(sums))
+    before = digest(run_dir)
+    clean(
+        train(run_dir, wikitext_manifest, 1, "training.train_steps=6", check=False)[0],
+        4, f"{tag / 'trainer_state.json'}: key 'step' is missing",
+    )  # fmt: skip
+    assert_unchanged(run_dir, before)
+
+
 # ------------------------------------------------------------------------------ pickles
 class _Payload:
     def __init__(self, flag: Path):
@@ -275,4 +294,10 @@ def test_a_truncated_bin_is_found_by_check_and_refused_by_training(wikitext_mani
     clean(command("-m", "data_prep", "check", str(manifest)), 2, *truncated)
     run_dir = tmp_path / "run"
     clean(train(run_dir, manifest, 1, "training.train_steps=2", check=False)[0], 2, *truncated)
+    assert not run_dir.exists()
+    text = manifest.read_text()
+    manifest.write_text(text[: len(text) // 3])  # a truncated manifest: check and training
+    bad_json = f"manifest {manifest} is not valid JSON"
+    clean(command("-m", "data_prep", "check", str(manifest)), 2, bad_json)
+    clean(train(run_dir, manifest, 1, "training.train_steps=2", check=False)[0], 2, bad_json)
     assert not run_dir.exists()

@@ -358,6 +358,19 @@ def test_word_perplexity_both_conventions(dataset):
     assert math.isclose(r["word_ppl_eol"], math.exp(total / 12))
     assert r["words_eol"] == 12
 
+    from pretrain.evaluation.driver import summary
+
+    report = {
+        "checkpoint": "c", "step": 1, "model": {"attention": "twicing"}, "tensor_parallel": 1,
+        "data": {"spec": "t", "documents": 2, "words": 8}, "oversmoothing": None,
+        "protocol": {"name": "segments", "length": 8, "stride": 8},
+        "results": [{"swap_rate": 0.0, **r}],
+    }  # fmt: skip
+    table = summary(report, Path("out.json")).splitlines()
+    header = next(i for i, line in enumerate(table) if "word+eol ppl" in line)
+    assert f"{r['word_ppl_eol']:.3f}" in table[header + 1]
+    assert f"{r['word_ppl']:.3f}" in table[header + 1]
+
 
 def test_wikitext103_valid_word_counts_of_both_conventions():
     """213,886 whitespace words; 217,646 = words + 3,760 lines, Transformer-XL's count."""
