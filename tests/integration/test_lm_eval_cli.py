@@ -106,3 +106,29 @@ def test_hf_generate_matches_pretrain_generate(tmp_path, wikitext_manifest, one_
             )[0, len(r["prompt_ids"]) :].tolist()
         ids = ids[: ids.index(eod)] if eod in ids else ids
         assert ids == r["token_ids"] and len(ids) >= 4
+
+
+def test_tensor_parallel_lm_eval_matches_one_process(tmp_path, wikitext_manifest, one_rank):
+    """``pretrain.lm_eval`` under a 2-rank launcher (TP = 2, every rank scoring every request,
+    rank 0 writing) gives the one-process log-likelihoods (≤ 1e-4) and metrics."""
+    path = synthetic_checkpoint(
+        tmp_path, wikitext_manifest, "tp", attention="twicing", num_query_groups=2
+    )
+    task = "twicing_wikitext_mc"
+    common = ["-m", "pretrain.lm_eval", "--checkpoint", str(path), "--tasks", task, "--limit"]
+    common += ["6", "--bootstrap-iters", "0", "--log-samples", "--out"]
+    launch = [sys.executable, "-m", "pretrain.local_launch", "--nproc", "2"]
+    results = {}
+    for tp, prefix in ((1, [sys.executable]), (2, launch)):
+        out = tmp_path / f"tp{tp}.json"
+        done = run([*prefix, *common, str(out)])
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[tp] = json.loads(out.read_text())
+        assert results[tp]["config"]["tensor_parallel"] == tp
+    lls = {
+        tp: [float(r[0]) for s in res["samples"][task] for r in s["filtered_resps"]]
+        for tp, res in results.items()
+    }
+    assert len(lls[1]) == len(lls[2]) == 24
+    assert max(abs(a - b) for a, b in zip(lls[1], lls[2], strict=True)) <= 1e-4
+    assert results[1]["results"][task]["acc,none"] == results[2]["results"][task]["acc,none"]
