@@ -142,6 +142,31 @@ def test_cached_steps_equal_the_full_forward(name, exported):
         assert layer.values.shape[1] == (g + h if twicing else g)
 
 
+def test_export_loads_without_twicing_lm(exported):
+    """A fresh Python in which twicing-lm's packages cannot be imported loads and runs the
+    export (a user's machine), offline, and gets the same logits."""
+    import subprocess
+    import sys
+
+    _, hf_dir = exported["resformer"]
+    script = (
+        "import sys, torch\n"
+        "for name in ('pretrain', 'model', 'data_prep', 'megatron'):\n"
+        "    sys.modules[name] = None  # any import of them now fails\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(hf_dir)!r}, trust_remote_code=True)\n"
+        "x = torch.arange(40).reshape(2, 20)\n"
+        "print(float(m(input_ids=x).logits.double().sum()))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = load_remote(hf_dir)
+    with torch.no_grad():
+        expected = float(model(input_ids=torch.arange(40).reshape(2, 20)).logits.double().sum())
+    assert abs(float(done.stdout.split()[-1]) - expected) <= 1e-3 * max(1.0, abs(expected))
+
+
 def test_exported_code_is_self_contained(exported):
     """The copied modeling code imports only torch, transformers, the stdlib and itself."""
     _, hf_dir = exported["neural-gqa"]
