@@ -176,9 +176,11 @@ class TwicingLM(TemplateLM):
             until = kwargs.pop("until", None) or [self.tok.decode([self.eot_token_id])]
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-            sample = bool(kwargs.pop("do_sample", False)) and kwargs.get("temperature", 1) > 0
+            temperature = kwargs.get("temperature")
+            temperature = 1.0 if temperature is None else float(temperature)
+            sample = bool(kwargs.pop("do_sample", False)) and temperature > 0
             sampling = Sampling(
-                temperature=float(kwargs.get("temperature", 1.0)) if sample else 0.0,
+                temperature=temperature if sample else 0.0,
                 top_k=int(kwargs.get("top_k") or 0) if sample else 0,
                 top_p=float(kwargs.get("top_p") or 1.0) if sample else 1.0,
             )

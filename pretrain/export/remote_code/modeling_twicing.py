@@ -334,7 +334,7 @@ class TwicingForCausalLM(TwicingPreTrainedModel, GenerationMixin):
         cache=None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         past_key_values=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -347,8 +347,10 @@ class TwicingForCausalLM(TwicingPreTrainedModel, GenerationMixin):
         elif cache is None:
             cache = DynamicCache()
         h = self.model(input_ids, attention_mask, position_ids, cache)
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
+        if isinstance(logits_to_keep, int):
+            h = h[:, -logits_to_keep:] if logits_to_keep else h
+        else:  # positions to keep
+            h = h[:, logits_to_keep]
         logits = self.lm_head(h)
         loss = None
         if labels is not None:
