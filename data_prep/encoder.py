@@ -92,7 +92,7 @@ class DocumentEncoder:
     """Encode batches of documents to a flat id array plus per-document token counts.
 
     ``fast=False`` forces whole-document ``sp.encode`` (``num_threads`` C++ threads).
-    ``max_cache`` bounds the number of cached segments (the cache restarts when full).
+    ``max_cache`` bounds the number of cached segments (a batch that finds more starts afresh).
     """
 
     def __init__(
