@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
 
-from test_export_hf import GPT2, synthetic_checkpoint  # noqa: E402
+from test_export_hf import GPT2, LLAMA, synthetic_checkpoint  # noqa: E402
 
 from pretrain.lm_eval import TASKS_DIR  # noqa: E402
 
@@ -89,7 +89,25 @@ def test_peer_check_hf_model_on_the_export(task, limit, softmax_model, tasks):
             assert math.isclose(value, mb[key], rel_tol=1e-6), (key, value, mb[key])
 
 
-def test_wikitext_task_agrees_with_pretrain_evaluate(softmax_model, tasks):
+def test_peer_check_llama_gqa_export(tmp_path, wikitext_manifest, tasks, one_rank):
+    """The same on a RoPE + RMSNorm + SwiGLU GQA model (stock ``LlamaForCausalLM`` export)."""
+    from lm_eval.models.huggingface import HFLM
+
+    from pretrain.checkpoint.reader import open_checkpoint
+    from pretrain.evaluation.lm_eval_adapter import TwicingLM
+    from pretrain.export.hf import export
+
+    path = synthetic_checkpoint(tmp_path, wikitext_manifest, "l", **LLAMA, num_query_groups=2)
+    assert export(open_checkpoint(path), tmp_path / "hf")["architecture"] == "LlamaForCausalLM"
+    ours = TwicingLM(checkpoint=str(path))
+    theirs = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", dtype="float32", batch_size=8)
+    a, b = evaluate(ours, MC, tasks, 12), evaluate(theirs, MC, tasks, 12)
+    la, lb = log_likelihoods(a, MC), log_likelihoods(b, MC)
+    assert len(la) == 48 and max(abs(x - y) for x, y in zip(la, lb, strict=True)) <= 1e-4
+    assert metrics(a, MC) == metrics(b, MC)
+
+
+def test_wikitext_task_agrees_with_pretrain_evaluate(softmax_model):
     """Same articles. lm-eval: exp(−Σ log p / Σ words), words = ``len(re.split(r"\\s+", page))``
     of the original article, log p of its *detokenized* text in disjoint windows of 64 tokens
     after one end-of-document token. pretrain.evaluate: exp(NLL / words), words = whitespace
@@ -97,16 +115,18 @@ def test_wikitext_task_agrees_with_pretrain_evaluate(softmax_model, tasks):
     segments. The same model on the same text, so the word perplexities agree closely."""
     from pretrain.evaluation.driver import evaluate_text
     from pretrain.evaluation.texts import load_text
+    from pretrain.lm_eval import parse_args, run
 
-    ours, _, _ = softmax_model
+    ours, _, path = softmax_model
     n = 3
-    result = evaluate(ours, WIKI, tasks, n)
+    argv = ["--checkpoint", str(path), "--tasks", WIKI, "--limit", str(n), "--log-samples"]
+    rank, result = run(parse_args([*argv, "--bootstrap-iters", "0"]))  # the command's path
     lm_word_ppl = result["results"][WIKI]["word_perplexity,none"]
     text = load_text("wikitext-2-raw:valid", max_documents=n)
     report = evaluate_text(ours.model, ours.tok, text, length=64, stride=64, batch_size=8)
     ratio = math.log(lm_word_ppl) / math.log(report["word_ppl"])
     print(f"word ppl: lm-eval {lm_word_ppl:.1f}, pretrain.evaluate {report['word_ppl']:.1f}")
-    assert len(result["samples"][WIKI]) == n
+    assert rank == 0 and len(result["samples"][WIKI]) == n
     assert abs(ratio - 1) < 0.05, ratio
 
 
