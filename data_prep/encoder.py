@@ -34,7 +34,7 @@ import sentencepiece as spm
 from data_prep.errors import DataPrepError
 
 WS = "\u2581"  # SentencePiece's whitespace mark
-_JOIN_CHARS = 8192  # characters of unseen segments per C++ call (BPE is superlinear in length)
+_JOIN_CHARS = 512  # characters of unseen segments per string (BPE is superlinear in length)
 _NORMAL, _USER_DEFINED, _UNUSED = 1, 4, 5
 
 
