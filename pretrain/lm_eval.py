@@ -8,8 +8,9 @@ Runs lm-eval's own evaluator (``lm_eval.simple_evaluate``) on the checkpoint thr
 size; one process at TP=1, or TP=N under a launcher) and writes lm-eval's results JSON. Tasks
 are lm-eval's own (``hellaswag``, ``lambada_openai``, ``arc_easy``, ``piqa``, … — wherever their
 datasets are reachable) plus the offline ones shipped in ``configs/lm_eval/`` (always included):
-``twicing_wikitext`` (lm-eval's ``wikitext`` document-level word perplexity on the local
-WikiText-2 validation articles) and ``twicing_wikitext_mc`` (multiple choice built from the same
+``twicing_wikitext`` (lm-eval's ``wikitext`` document-level word perplexity, detokenizer
+included, on the local WikiText-2 validation articles), ``twicing_wikitext_raw`` (the same on the
+articles as training sees them) and ``twicing_wikitext_mc`` (multiple choice built from the same
 local text). ``--include-path`` adds task directories. See docs/lm_eval.md.
 
 The stock command works too: ``lm_eval --model twicing --model_args checkpoint=RUN --tasks T
