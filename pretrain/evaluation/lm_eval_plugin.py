@@ -21,8 +21,11 @@ from pathlib import Path
 TARGET = "lm_eval.api.registry"
 MODEL = ("twicing", "pretrain.evaluation.lm_eval_adapter:TwicingLM")
 PTH_NAME = "twicing_lm_eval.pth"
+#: site.py runs a .pth line that starts with ``import``; a missing twicing-lm (uninstalled) must
+#: not print a traceback at every interpreter start, hence the guarded ``exec``
 PTH_LINE = (
-    "import pretrain.evaluation.lm_eval_plugin as _twicing_lm_eval; _twicing_lm_eval.activate()\n"
+    'import sys; exec("try:\\n from pretrain.evaluation.lm_eval_plugin import activate\\n'
+    ' activate()\\nexcept ImportError:\\n pass")\n'
 )
 
 
