@@ -103,7 +103,9 @@ def test_peer_check_llama_gqa_export(tmp_path, wikitext_manifest, tasks, one_ran
     theirs = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", dtype="float32", batch_size=8)
     a, b = evaluate(ours, MC, tasks, 12), evaluate(theirs, MC, tasks, 12)
     la, lb = log_likelihoods(a, MC), log_likelihoods(b, MC)
-    assert len(la) == 48 and max(abs(x - y) for x, y in zip(la, lb, strict=True)) <= 1e-4
+    diff = max(abs(x - y) for x, y in zip(la, lb, strict=True))
+    print(f"llama-gqa: {len(la)} requests, max |Δ log-likelihood| {diff:.3g}")
+    assert len(la) == 48 and diff <= 1e-4
     assert metrics(a, MC) == metrics(b, MC)
 
 
