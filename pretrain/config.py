@@ -144,10 +144,17 @@ class CheckpointConfig:
     #: load DeepSpeed's files with full pickle (code in a tampered file would run); default:
     #: ``weights_only`` with an allow-list (``pretrain.checkpoint.deepspeed_compat``)
     trust_pickles: bool = False
+    #: retries of a save whose write failed on some rank for another reason than a full disk
+    save_retries: int = 1
 
     def __post_init__(self) -> None:
         check(self.interval >= 0, "checkpoint.interval", "must be >= 0 (0: only on signal/exit)")
         check(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+        check(
+            self.save_retries >= 0,
+            "checkpoint.save_retries",
+            f"must be >= 0, got {self.save_retries}",
+        )
 
 
 @dataclass

@@ -3,12 +3,18 @@
 - ``TWICING_FAULT_SAVE_PAUSE=STEP:S``: inside the checkpoint save of step STEP, sleep S seconds
   after the shards are written and before the completion marker (a window to SIGKILL a save).
 - ``TWICING_FAULT_NAN_AT_STEP=N``: make rank 0's loss NaN at optimizer step N.
+- ``TWICING_FAULT_SAVE_ERROR=N[:RANK]``: the first N checkpoint-file writes of this process (of
+  rank RANK only, when given) fail with an I/O error (a transient storage fault).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
+from pathlib import Path
+
+_save_errors = 0
 
 
 def pause_in_save(step: int) -> None:
@@ -24,3 +30,17 @@ def pause_in_save(step: int) -> None:
 def nan_at_step(step: int, rank: int) -> bool:
     target = os.environ.get("TWICING_FAULT_NAN_AT_STEP")
     return target is not None and rank == 0 and int(target) == step
+
+
+def save_error(path: Path) -> None:
+    """Raise ``OSError(EIO)`` for the first N checkpoint writes (``TWICING_FAULT_SAVE_ERROR``)."""
+    global _save_errors
+    spec = os.environ.get("TWICING_FAULT_SAVE_ERROR")
+    if not spec:
+        return
+    count, _, rank = spec.partition(":")
+    if rank and os.environ.get("RANK", "0") != rank:
+        return
+    if _save_errors < int(count):
+        _save_errors += 1
+        raise OSError(errno.EIO, "injected I/O error", str(path))

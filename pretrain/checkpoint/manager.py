@@ -8,6 +8,7 @@ import datetime
 import errno
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from data_prep import atomic
 from pretrain import faults
 from pretrain.checkpoint import reshard
 from pretrain.checkpoint.deepspeed_compat import (
+    collect_save_errors,
     fix_zero3_universal_load,
     safe_loads,
     universal_loading,
@@ -61,12 +63,14 @@ class CheckpointManager:
         verify: bool = True,
         fsync: bool = False,
         trust_pickles: bool = False,
+        save_retries: int = 0,
     ):
         self.root = Path(root)
         self.keep_last = keep_last
         self.verify = verify
         self.fsync = fsync
         self.trust_pickles = trust_pickles
+        self.save_retries = save_retries
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
 
@@ -82,17 +86,51 @@ class CheckpointManager:
     ) -> Path:
         """Collective save; ``files`` (name → source) are copied into the checkpoint by rank 0.
 
-        Refused up front when the file system has less room than the last checkpoint took; a
-        save that fails anyway (disk full, I/O error) removes its partial step directory and
-        raises ``CheckpointError`` saying where and how much room it needed (the last size, or
-        ``estimate_bytes`` before the first save) — the previous complete checkpoint is
-        untouched."""
+        Refused up front when the file system has less room than the last checkpoint took. A
+        write that fails on any rank (disk full, I/O error) is caught there and agreed on by
+        every rank after DeepSpeed's collectives; the partial step directory is removed, and the
+        save is retried ``save_retries`` times unless the disk is full. Then a
+        ``CheckpointError`` on every rank says where and how much room it needed (the last
+        size, or ``estimate_bytes`` before the first save); the previous complete checkpoint
+        and ``latest`` are untouched."""
         need = self._preflight(estimate_bytes)
         tag_dir = self.root / tag_of(step)
-        try:
-            return self._save(engine, step, state, rng_state, files)
-        except Exception as e:  # noqa: BLE001 - reported as a checkpoint error below
-            raise self._save_failed(tag_dir, e, need) from None
+        for attempt in range(self.save_retries + 1):
+            try:
+                failure = self._attempt(engine, step, state, rng_state, files, need)
+            except Exception as e:  # noqa: BLE001 - outside the agreed paths: this rank only
+                raise self._save_failed(tag_dir, e, need) from None
+            if failure is None:
+                return tag_dir
+            rank, path, error, nospace, free = failure
+            kept = self._kept()
+            if nospace:
+                raise CheckpointError(
+                    f"checkpoint save failed: no space left on {self.root} (needed ~"
+                    f"{_mb(need)} MB, {_mb(free)} MB free; rank {rank} writing {path}); "
+                    f"removed the partial {tag_dir}; {kept}"
+                )
+            if attempt < self.save_retries:
+                wait = min(2.0 * 2**attempt, 60.0)
+                if self.rank == 0:
+                    print(
+                        f"[ckpt] save of {tag_dir} failed on rank {rank} ({error}, writing "
+                        f"{path}); retrying in {wait:.0f}s (checkpoint.save_retries="
+                        f"{self.save_retries})",
+                        flush=True,
+                    )
+                time.sleep(wait)
+                continue
+            raise CheckpointError(
+                f"checkpoint save of {tag_dir} failed on rank {rank}: {error} (writing {path}); "
+                f"{attempt + 1} attempt(s) (checkpoint.save_retries={self.save_retries}); "
+                f"removed the partial directory; {kept}"
+            )
+        raise AssertionError("unreachable")
+
+    def _kept(self) -> str:
+        last = complete_tags(self.root)
+        return f"the last complete checkpoint ({last[-1] if last else 'none'}) is untouched"
 
     def _last_size(self) -> tuple[str | None, int]:
         tags = complete_tags(self.root)
@@ -128,7 +166,8 @@ class CheckpointManager:
         return need
 
     def _save_failed(self, tag_dir: Path, error: Exception, need: int) -> CheckpointError:
-        """The error to raise for a failed save, after removing its partial step directory."""
+        """The error to raise for a failure outside the agreed write paths (this rank only),
+        after removing the partial step directory."""
         if isinstance(error, CheckpointError):
             return error
         free = shutil.disk_usage(self.root).free if self.root.is_dir() else 0
@@ -136,27 +175,42 @@ class CheckpointManager:
         done = latest.is_file() and latest.read_text().strip() == tag_dir.name
         if not done:
             shutil.rmtree(tag_dir, ignore_errors=True)
-        last = complete_tags(self.root)
-        kept = f"the last complete checkpoint ({last[-1] if last else 'none'}) is untouched"
         removed = f"removed the partial {tag_dir}" if not done else f"{tag_dir} is complete"
         if _no_space(error) or (need and free < need):
             return CheckpointError(
                 f"checkpoint save failed: no space left on {self.root} (needed ~{_mb(need)} MB, "
-                f"{_mb(free)} MB free); {removed}; {kept}"
+                f"{_mb(free)} MB free); {removed}; {self._kept()}"
             )
         return CheckpointError(
             f"checkpoint save of {tag_dir} failed: {type(error).__name__}: {error}; "
-            f"{removed}; {kept}"
+            f"{removed}; {self._kept()}"
         )
 
-    def _save(
+    def _agree(
+        self, errors: list[tuple[str, BaseException]], need: int
+    ) -> tuple[int, str, str, bool, int] | None:
+        """The first failure of any rank — ``(rank, path, error, no space, free bytes)`` —
+        identical on every rank (a collective), or None."""
+        mine = None
+        if errors:
+            path, error = errors[0]
+            free = shutil.disk_usage(self.root).free if self.root.is_dir() else 0
+            nospace = _no_space(error) or bool(need and free < need)
+            mine = (self.rank, path, f"{type(error).__name__}: {error}", nospace, free)
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        return next((g for g in gathered if g is not None), None)
+
+    def _attempt(
         self,
         engine,
         step: int,
         state: TrainerState,
         rng_state: dict[str, Any],
         files: dict[str, Path] | None,
-    ) -> Path:
+        need: int,
+    ) -> tuple[int, str, str, bool, int] | None:
+        """One collective save; the agreed failure (partial directory removed), or None."""
         tag = tag_of(step)
         tag_dir = self.root / tag
         if self.rank == 0:
@@ -168,27 +222,53 @@ class CheckpointManager:
         # TP merge rules for DeepSpeed's universal conversion
         with contextlib.suppress(CheckpointError):  # no rule: only same-layout resumes
             client_state[reshard.INFO_KEY] = reshard.universal_info(state.tp_layout)
-        engine.save_checkpoint(
-            str(self.root), tag=tag, client_state=client_state, save_latest=False
-        )
-        torch_save(rng_state, tag_dir / "rng" / f"rank_{self.rank:05d}.pt", fsync=self.fsync)
-        if self.rank == 0:
-            atomic.write_text(
-                tag_dir / STATE, json.dumps(state.to_json(), indent=1, sort_keys=True), self.fsync
+        errors: list[tuple[str, BaseException]] = []
+
+        def guarded(path: Path, write) -> None:
+            if errors:
+                return  # this rank's disk already failed: write nothing more
+            try:
+                faults.save_error(path)
+                write()
+            except Exception as e:  # noqa: BLE001 - agreed on below
+                errors.append((str(path), e))
+
+        with collect_save_errors(engine, errors):  # DeepSpeed's writes, caught the same way
+            engine.save_checkpoint(
+                str(self.root), tag=tag, client_state=client_state, save_latest=False
             )
-            for name, source in (files or {}).items():
-                atomic.write_bytes(tag_dir / name, Path(source).read_bytes(), self.fsync)
-        dist.barrier()
-        faults.pause_in_save(step)
-        self._write_checksums(tag_dir)
+        rng_file = tag_dir / "rng" / f"rank_{self.rank:05d}.pt"
+        guarded(rng_file, lambda: torch_save(rng_state, rng_file, fsync=self.fsync))
         if self.rank == 0:
-            atomic.write_text(tag_dir / MARKER, f"{tag}\n")
-            atomic.write_text(self.root / LATEST, tag)
+            text = json.dumps(state.to_json(), indent=1, sort_keys=True)
+            guarded(tag_dir / STATE, lambda: atomic.write_text(tag_dir / STATE, text, self.fsync))
+            for name, source in (files or {}).items():
+                data = Path(source).read_bytes()
+                guarded(
+                    tag_dir / name,
+                    lambda n=name, d=data: atomic.write_bytes(tag_dir / n, d, self.fsync),
+                )
+        failure = self._agree(errors, need)
+        if failure is None:
+            faults.pause_in_save(step)
+            self._write_checksums(tag_dir, guarded)
+            if self.rank == 0:
+                guarded(tag_dir / MARKER, lambda: atomic.write_text(tag_dir / MARKER, f"{tag}\n"))
+                guarded(self.root / LATEST, lambda: atomic.write_text(self.root / LATEST, tag))
+            failure = self._agree(errors, need)
+        if failure is not None:
+            if self.rank == 0:
+                latest = self.root / LATEST
+                if not (latest.is_file() and latest.read_text().strip() == tag):
+                    shutil.rmtree(tag_dir, ignore_errors=True)
+            dist.barrier()
+            return failure
+        if self.rank == 0:
             self._prune()
         dist.barrier()
-        return tag_dir
+        return None
 
-    def _write_checksums(self, tag_dir: Path) -> None:
+    def _write_checksums(self, tag_dir: Path, guarded) -> None:
         names = [None]
         if self.rank == 0:
             names[0] = sorted(
@@ -197,13 +277,21 @@ class CheckpointManager:
                 if p.is_file() and p.name not in (MARKER, CHECKSUMS)
             )
         dist.broadcast_object_list(names, src=0)
-        mine = {n: file_digest(tag_dir / n, self.fsync) for n in names[0][self.rank :: self.world]}
+        mine: dict[str, Any] = {}
+
+        def digest() -> None:
+            for n in names[0][self.rank :: self.world]:
+                mine[n] = file_digest(tag_dir / n, self.fsync)
+
+        guarded(tag_dir, digest)
         gathered: list[dict] = [{} for _ in range(self.world)]
         dist.all_gather_object(gathered, mine)
         if self.rank == 0:
             merged = {k: v for part in gathered for k, v in part.items()}
-            atomic.write_text(
-                tag_dir / CHECKSUMS, json.dumps(merged, indent=1, sort_keys=True), self.fsync
+            text = json.dumps(merged, indent=1, sort_keys=True)
+            guarded(
+                tag_dir / CHECKSUMS,
+                lambda: atomic.write_text(tag_dir / CHECKSUMS, text, self.fsync),
             )
 
     def _prune(self) -> None:

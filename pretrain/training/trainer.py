@@ -98,6 +98,7 @@ class Trainer:
             cfg.checkpoint.verify,
             cfg.checkpoint.fsync,
             trust_pickles=cfg.checkpoint.trust_pickles,
+            save_retries=cfg.checkpoint.save_retries,
         )
         self.flops_per_token = flops_per_token(cfg.model)
         self.peak = peak_tflops(cfg.logging.peak_tflops)
