@@ -270,6 +270,33 @@ def test_a_save_that_would_not_fit_is_refused_before_writing(
     assert (disk / "latest").read_text() == "step_00000001"
 
 
+def test_a_write_that_fails_on_one_rank_is_agreed_on_and_retried(wikitext_manifest, tmp_path):
+    """Rank 1's first checkpoint write fails (an injected EIO): without retries both ranks exit
+    4 at once naming rank 1's file, the partial step dir removed; with one retry the save is
+    redone and verifies."""
+    fault = {"TWICING_FAULT_SAVE_ERROR": "1:1"}
+    args = ["training.train_steps=2", "parallel.zero_stage=1"]
+    failed = tmp_path / "failed"
+    results = train(
+        failed, wikitext_manifest, 2, *args, "checkpoint.save_retries=0", env=fault, check=False
+    )
+    for rc_out in results:
+        clean(rc_out, 4, "failed on rank 1: OSError: [Errno 5] injected I/O error",
+              "removed the partial directory")  # fmt: skip
+    assert not list((failed / "checkpoints").glob("step_*"))
+
+    from pretrain.checkpoint.layout import verify_files
+
+    retried = tmp_path / "retried"
+    out = clean(
+        train(retried, wikitext_manifest, 2, *args, "checkpoint.save_retries=1", env=fault)[0],
+        0, "failed on rank 1 (OSError: [Errno 5] injected I/O error", "retrying in",
+    )  # fmt: skip
+    assert "saved" in out
+    tag = retried / "checkpoints" / "step_00000002"
+    assert (tag / "COMPLETE").is_file() and verify_files(tag) == []
+
+
 # ------------------------------------------------------------------------------ non-finite
 def test_a_run_that_only_skips_steps_halts(wikitext_manifest, tmp_path):
     out = clean(

@@ -122,3 +122,39 @@ def test_the_zero3_universal_loader_still_has_the_slips_we_repair():
     source += inspect.getsource(stage3)
     assert "optimizer_state.pt" in source or "optimizer_state" in source
     assert "param_groups" in source
+
+
+def test_deepspeed_writes_checkpoints_through_its_checkpoint_engine(tmp_path):
+    """``collect_save_errors`` wraps ``engine.checkpoint_engine.save``/``makedirs``: DeepSpeed's
+    save path must write through them (and only them)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    for method in ("_save_checkpoint", "_save_zero_checkpoint", "save_checkpoint"):
+        source = inspect.getsource(getattr(DeepSpeedEngine, method))
+        assert "torch.save(" not in source, method
+    source = inspect.getsource(DeepSpeedEngine)
+    assert "self.checkpoint_engine.save(" in source and "self.checkpoint_engine.makedirs(" in source
+    # the one other write: zero_to_fp32.py copied beside the checkpoints
+    assert source.count("copyfile(") == 1 and "self._copy_recovery_script(" in source
+    assert "copyfile(" in inspect.getsource(DeepSpeedEngine._copy_recovery_script)
+
+    class Engine:
+        checkpoint_engine = TorchCheckpointEngine()
+
+        def _copy_recovery_script(self, save_path):
+            raise OSError(28, "No space left on device", save_path)
+
+    errors: list = []
+    target = tmp_path / "missing-dir" / "x.pt"
+    engine = Engine()
+    with compat.collect_save_errors(engine, errors):
+        engine._copy_recovery_script(str(tmp_path))
+        engine.checkpoint_engine.save({"a": torch.ones(1)}, str(tmp_path / "y.pt"))  # skipped
+    assert [p for p, _ in errors] == [str(tmp_path)] and not (tmp_path / "y.pt").exists()
+    errors.clear()
+    with compat.collect_save_errors(engine, errors):
+        engine.checkpoint_engine.save({"a": torch.ones(1)}, str(target))  # no such directory
+    assert [p for p, _ in errors] == [str(target)]
+    assert "save" not in vars(engine.checkpoint_engine)  # the real methods again
+    assert "_copy_recovery_script" not in vars(engine)
