@@ -5,13 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import sentencepiece as spm
-from workers.data_prep_common import NASTY, corpus_docs, reference_mmidx, write_jsonl
+from workers.data_prep_common import (
+    NASTY,
+    corpus_docs,
+    reference_mmidx,
+    train_models,
+    write_jsonl,
+)
 
 from data_prep.build import tokenize_corpora
 from data_prep.encoder import DocumentEncoder
 from data_prep.errors import DataPrepError
 from data_prep.sources import Corpus
-from data_prep.train_tokenizer import TokenizerOptions, train_tokenizer
+from data_prep.train_tokenizer import TokenizerOptions
 
 #: walls next to spaces, walls in runs, walls at both ends, the whitespace mark beside a wall
 WALLY = [
@@ -52,9 +58,7 @@ def docs() -> list[str]:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, docs) -> dict:
-    out = tmp_path_factory.mktemp("tok")
-    corpus = Corpus("train", documents=lambda: docs[:150], fingerprint="t")
-    return {k: train_tokenizer([corpus], out / k, opt) for k, opt in OPTIONS.items()}
+    return train_models(tmp_path_factory.mktemp("tok"), docs, OPTIONS, 150)
 
 
 def expected(sp, batch: list[str]) -> tuple[list[int], list[int]]:

@@ -68,3 +68,12 @@ def reference_mmidx(docs: list[str], sp, vocab_size: int) -> tuple[bytes, bytes]
     idx += struct.pack(f"<{len(lens)}i", *lens) + struct.pack(f"<{len(ptrs)}q", *ptrs)
     idx += struct.pack(f"<{len(doc_idx)}q", *doc_idx)
     return np.array([t for s in seqs for t in s], dtype=dtype).tobytes(), idx
+
+
+def train_models(out: Path, docs: list[str], options: dict, n_train: int) -> dict[str, Path]:
+    """One sentencepiece model per ``options`` entry, trained on the first ``n_train`` docs."""
+    from data_prep.sources import Corpus
+    from data_prep.train_tokenizer import train_tokenizer
+
+    corpus = Corpus("train", documents=lambda: docs[:n_train], fingerprint="t")
+    return {k: train_tokenizer([corpus], out / k, opt) for k, opt in options.items()}
