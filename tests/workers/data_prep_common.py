@@ -77,3 +77,28 @@ def train_models(out: Path, docs: list[str], options: dict, n_train: int) -> dic
 
     corpus = Corpus("train", documents=lambda: docs[:n_train], fingerprint="t")
     return {k: train_tokenizer([corpus], out / k, opt) for k, opt in options.items()}
+
+
+def tokenize_like_megatron(out: Path, docs: list[str], model: Path, shard_chars: int):
+    """Tokenize ``docs`` (JSONL, 2 workers, several shards) and assert the files are byte for byte
+    those of Megatron's ``preprocess_data.py --append-eod``; returns (stats, sentencepiece)."""
+    import sentencepiece as spm
+
+    from data_prep.build import tokenize_corpora
+    from data_prep.sources import Corpus
+
+    jsonl = write_jsonl(out / "mix.jsonl", docs)
+    stats = tokenize_corpora(
+        [Corpus("mix", paths=[str(jsonl)])],
+        model,
+        out / "out",
+        workers=2,
+        shard_chars=shard_chars,
+        progress=False,
+    )["mix"]
+    assert stats["shards"] > 3  # several shards were merged
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    ref_bin, ref_idx = reference_mmidx(docs, sp, sp.get_piece_size())
+    assert (out / "out" / "mix_text_document.bin").read_bytes() == ref_bin
+    assert (out / "out" / "mix_text_document.idx").read_bytes() == ref_idx
+    return stats, sp
