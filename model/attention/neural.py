@@ -66,7 +66,8 @@ def neural_attention(q, k, v, w: NeuralScorer, *, causal: bool = True, mask=None
         scores = scores.masked_fill(future, float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = scores.float().softmax(dim=-1).to(v.dtype)
+    # softmax in at least fp32 (bf16 is upcast; float64 is not cut down to fp32)
+    probs = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(-1).to(v.dtype)
     return torch.einsum("bhij,bjhd->bihd", probs, v)
 
 
