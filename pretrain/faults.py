@@ -2,6 +2,8 @@
 
 - ``TWICING_FAULT_SAVE_PAUSE=STEP:S``: inside the checkpoint save of step STEP, sleep S seconds
   after the shards are written and before the completion marker (a window to SIGKILL a save).
+- ``TWICING_FAULT_HOLD_BEFORE_STEP=STEP:S``: before optimizer step STEP runs, wait up to S
+  seconds for a stop signal (a fixed point to signal or kill a run at, however fast it trains).
 - ``TWICING_FAULT_NAN_AT_STEP=N``: make rank 0's loss NaN at optimizer step N.
 - ``TWICING_FAULT_SAVE_ERROR=N[:RANK]``: the first N checkpoint-file writes of this process (of
   rank RANK only, when given) fail with an I/O error (a transient storage fault).
@@ -12,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 _save_errors = 0
@@ -25,6 +28,19 @@ def pause_in_save(step: int) -> None:
     if int(at) == step:
         print(f"[fault] pausing {seconds}s inside the checkpoint save of step {step}", flush=True)
         time.sleep(float(seconds))
+
+
+def hold_before_step(step: int, stopped: Callable[[], bool]) -> None:
+    spec = os.environ.get("TWICING_FAULT_HOLD_BEFORE_STEP")
+    if not spec:
+        return
+    at, _, seconds = spec.partition(":")
+    if int(at) != step:
+        return
+    print(f"[fault] holding before step {step} for up to {seconds}s", flush=True)
+    deadline = time.monotonic() + float(seconds)
+    while not stopped() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def nan_at_step(step: int, rank: int) -> bool:

@@ -174,6 +174,7 @@ class Trainer:
             self.metrics.print("[train] stop requested before the first step; exiting to resume")
             return ExitCode.RESUMABLE
         while self.step < cfg.training.train_steps:
+            faults.hold_before_step(self.step + 1, lambda: self.stop.requested)
             t0 = time.perf_counter()
             result = self._train_step()
             elapsed = time.perf_counter() - t0

@@ -170,7 +170,8 @@ def test_preemption_signal_checkpoint_requeue_resumes_the_same_curve(
     reference = losses(tp_and_dp[0].run_dir)
     run = Run(base, wikitext_manifest, "preempted", 2)
     t0 = time.monotonic()
-    jid = run.submit()
+    # the run waits before step 4 until the preemption's signal arrives, however fast it trains
+    jid = run.submit(TWICING_FAULT_HOLD_BEFORE_STEP="4:300")
     wait_for(lambda: run.steps_logged() >= 3, START_S, "3 training steps", jid)
     high = subprocess.run(
         ["sbatch", "--parsable", "--partition=high", "--nodes=2", "--ntasks-per-node=1",
@@ -188,7 +189,7 @@ def test_preemption_signal_checkpoint_requeue_resumes_the_same_curve(
     assert "restart 1:" in batch and "training finished" in batch
     log0 = run.rank_log(jid, 0)
     stopped = int(log0.split("[train] stopping after step ")[1].split()[0])
-    assert 3 <= stopped < STEPS
+    assert stopped == 4
     assert f"[train] resumed from step_{stopped:08d}: step {stopped}," in log0
     for rank in range(4):
         log = run.rank_log(jid, rank)

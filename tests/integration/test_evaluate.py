@@ -94,8 +94,6 @@ def test_perplexity_matches_an_independent_cross_entropy_loop(eval_model, protoc
         assert seg.nll > ours.nll  # more context per target lowers the loss
 
 
-
-
 @pytest.mark.slow
 def test_word_level_normalisation_on_a_hand_checked_text(eval_model):
     from pretrain.evaluation.driver import evaluate_text
@@ -112,10 +110,6 @@ def test_word_level_normalisation_on_a_hand_checked_text(eval_model):
     assert r["token_ppl"] == pytest.approx(math.exp(r["nll_sum"] / r["tokens"]), rel=1e-12)
     assert r["bits_per_byte"] == pytest.approx(r["nll_sum"] / math.log(2) / 43, rel=1e-12)
     assert r["tokens"] == len(text.token_stream(ck.tokenizer)) - 1
-
-
-
-
 
 
 @pytest.mark.slow

@@ -52,13 +52,10 @@ def test_bit_exact_resume_after_sigkill(wikitext_manifest, tmp_path, stage):
     train(whole, wikitext_manifest, 4, *EXACT, zero)
 
     broken = tmp_path / "killed"
-    procs = start(broken, wikitext_manifest, 4, *EXACT, zero)
-    wait_for(
-        lambda: (broken / "checkpoints/step_00000010/COMPLETE").exists(),
-        300,
-        "step-10 checkpoint",
-        procs,
-    )
+    hold = {"TWICING_FAULT_HOLD_BEFORE_STEP": "11:300"}  # the run waits there to be killed
+    procs = start(broken, wikitext_manifest, 4, *EXACT, zero, env=hold)
+    wait_for(lambda: "holding before step 11" in output(procs, 0), 300, "step 10 done", procs)
+    assert (broken / "checkpoints/step_00000010/COMPLETE").exists()
     signal_all(procs, signal.SIGKILL)
     finish(procs)
     assert (broken / "checkpoints/latest").read_text() == "step_00000010"
@@ -81,14 +78,16 @@ def test_sigterm_checkpoints_exits_75_and_resumes_the_same_curve(wikitext_manife
     train(whole, wikitext_manifest, 2, *args)
 
     run = tmp_path / "preempted"
-    procs = start(run, wikitext_manifest, 2, *args)
-    wait_for(lambda: len(metrics(run)) >= 4, 300, "4 steps", procs)
+    hold = {"TWICING_FAULT_HOLD_BEFORE_STEP": "5:300"}  # a fixed point, however fast steps are
+    procs = start(run, wikitext_manifest, 2, *args, env=hold)
+    wait_for(lambda: "holding before step 5" in output(procs, 0), 300, "4 steps", procs)
+    assert len(metrics(run)) == 4
     signal_all(procs, signal.SIGTERM)
     codes = finish(procs)
     assert codes == [75, 75], [output(procs, r)[-2000:] for r in range(2)]
     tag = (run / "checkpoints/latest").read_text()
     stopped = int(tag.split("_")[1])
-    assert 4 <= stopped < 12 and (run / "checkpoints" / tag / "COMPLETE").exists()
+    assert stopped == 5 and (run / "checkpoints" / tag / "COMPLETE").exists()
     resumed = train(run, wikitext_manifest, 2, *args)
     assert f"resumed from {tag}: step {stopped}" in resumed[0][1]
     assert f"step {stopped + 1}/12" in resumed[0][1] and f"step {stopped}/12" not in resumed[0][1]

@@ -181,7 +181,3 @@ def test_universal_conversion_holds_the_tp1_weights(originals):
     mtime = (out / SOURCE).stat().st_mtime_ns
     assert convert(ck.tag_dir) == out and (out / SOURCE).stat().st_mtime_ns == mtime
     shutil.rmtree(out.parent)
-
-
-
-
