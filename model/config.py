@@ -140,6 +140,14 @@ class ModelConfig:
     def uses_first_values(self) -> bool:
         return VARIANTS[self.attention].uses_first_values
 
+    def check_pipeline_parallel(self, pp: int) -> None:
+        """Raise ``ConfigError`` unless the layers split evenly over ``pp`` pipeline stages."""
+        check(
+            self.num_layers % pp == 0,
+            "model.num_layers",
+            f"{self.num_layers} layers are not divisible by pipeline-parallel size {pp}",
+        )
+
     def check_tensor_parallel(self, tp: int) -> None:
         """Raise ``ConfigError`` unless heads and query groups split evenly over ``tp`` ranks."""
         check(

@@ -2,13 +2,16 @@
 
 megatron-core 0.16 allocates some buffers with ``device=torch.cuda.current_device()`` (RoPE
 frequencies, sequence-parallel gather/scatter buffers). On a CPU-only torch that call raises.
-``install()`` points it at the CPU device; it is a no-op when CUDA is available. This is the
-only process-wide patch in the project.
+``install()`` points it at the CPU device, and gives megatron's pipeline schedules (which
+allocate a token counter with ``device="cuda"``) a ``torch`` whose ``zeros`` maps that device to
+the CPU; both are no-ops when CUDA is available. These are the only process-wide patches in the
+project; :func:`tensor_cuda_is_identity` is a scoped one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import types
 
 import torch
 
@@ -25,7 +28,37 @@ def install() -> None:
     if _installed or torch.cuda.is_available():
         return
     torch.cuda.current_device = _cpu_device
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _torch_without_cuda_zeros()
     _installed = True
+
+
+def _torch_without_cuda_zeros() -> types.ModuleType:
+    """``torch`` as megatron's schedules see it: ``zeros(..., device="cuda")`` lands on the CPU."""
+    proxy = types.ModuleType("torch")
+    proxy.__dict__.update(torch.__dict__)
+
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+    proxy.zeros = zeros
+    return proxy
+
+
+@contextlib.contextmanager
+def tensor_cuda_is_identity():
+    """Within the block, ``Tensor.cuda()`` returns the tensor itself on a CPU-only torch
+    (megatron's tied-embedding set-up at pipeline size > 1 moves the weight with it)."""
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
 
 
 class CpuRngTracker:

@@ -12,7 +12,14 @@ from model import cpu_compat
 from model.attention.first_values import FirstLayerValues
 from model.config import ModelConfig
 from model.inference.context import DecodeSlot
+from model.pipeline import (
+    FirstValuesTransport,
+    output_seed,
+    stage_layers,
+    use_global_layer_names,
+)
 from model.spec import block_spec
+from model.tp_layout import shard, split_of
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swiglu": F.silu}
 
@@ -26,7 +33,9 @@ def transformer_config(
     shards of the same weights; CUDA-only fusions stay off (the kernels here are torch's).
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
     cfg.check_tensor_parallel(tp)
+    cfg.check_pipeline_parallel(pp)
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -42,6 +51,9 @@ def transformer_config(
         activation_func=_ACTIVATIONS[cfg.activation],
         init_method_std=cfg.init_std,
         tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=params_dtype,
+        batch_p2p_sync=torch.cuda.is_available(),  # its only effect is a CUDA synchronize
         sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=params_dtype,
         use_cpu_initialization=True,
@@ -57,21 +69,54 @@ def transformer_config(
 def build_gpt(
     cfg: ModelConfig, *, sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32
 ) -> GPTModel:
-    """A megatron-core GPT whose attention layers follow ``cfg`` (needs ``parallel_state``)."""
+    """A megatron-core GPT whose attention layers follow ``cfg`` (needs ``parallel_state``).
+
+    At pipeline size P > 1 this rank's stage only: its slice of the layers under their global
+    names, the embedding on the first stage, the final norm and output layer on the last. The
+    weights do not depend on the layout: each layer (and the untied output layer) is drawn from
+    its own stream of the current seed, the embedding first from the seed itself.
+    """
     cpu_compat.install()
+    init_seed = torch.initial_seed()
     config = transformer_config(cfg, sequence_parallel=sequence_parallel, params_dtype=params_dtype)
+    layers = stage_layers(config)
     first_values = FirstLayerValues() if cfg.uses_first_values else None
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=block_spec(cfg, first_values),
-        vocab_size=cfg.padded_vocab_size,
-        max_sequence_length=cfg.seq_length,
-        share_embeddings_and_output_weights=cfg.tied_embeddings,
-        position_embedding_type=cfg.position_embedding,
-        rotary_base=cfg.rotary_base,
-        parallel_output=True,
-    )
+    with cpu_compat.tensor_cuda_is_identity():  # the tied copy's sync at P > 1 calls .cuda()
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=block_spec(cfg, first_values, init_seed, layers),
+            vocab_size=cfg.padded_vocab_size,
+            max_sequence_length=cfg.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            share_embeddings_and_output_weights=cfg.tied_embeddings,
+            position_embedding_type=cfg.position_embedding,
+            rotary_base=cfg.rotary_base,
+            parallel_output=True,
+        )
+    use_global_layer_names(model, layers.start)
+    if model.post_process and not cfg.tied_embeddings:
+        _init_output_layer(model, config, output_seed(init_seed))
     if first_values is not None:
         first_values.attach(model)
+        if config.pipeline_model_parallel_size > 1:
+            groups = cfg.query_groups // config.tensor_model_parallel_size
+            transport = FirstValuesTransport(first_values, cfg.hidden_size, groups, cfg.head_dim)
+            transport.attach(model)
+            model.first_values_transport = transport  # its shapes go to the schedule
     DecodeSlot().attach(model)  # forward(..., inference_context=DecodeContext) decodes
     return model
+
+
+def _init_output_layer(model: GPTModel, config: TransformerConfig, seed: int) -> None:
+    """Draw the untied output layer's master weight from its own stream and keep this rank's
+    shard (megatron drew it from the process stream, after whatever this stage built first)."""
+    weight = model.output_layer.weight
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        master = torch.empty(weight.shape[0] * tp, weight.shape[1], dtype=torch.float32)
+        config.init_method(master)
+    with torch.no_grad():
+        weight.copy_(shard(master, split_of(weight), rank, tp).to(weight.dtype))

@@ -21,9 +21,13 @@ from pretrain.errors import ConfigError
 
 @dataclass
 class ParallelConfig:
-    """Tensor parallel × data parallel (PP = 1); DP = world size / tensor."""
+    """Tensor × data × pipeline parallel; DP = world size / (tensor × pipeline).
+
+    Rank order is megatron's tp-dp-pp: TP ranks are adjacent, pipeline stages are the slowest
+    dimension (place them across nodes)."""
 
     tensor: int = 1
+    pipeline: int = 1
     zero_stage: int = 1
     offload_optimizer: bool = False
     sequence_parallel: bool = False
@@ -31,6 +35,25 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         check(self.tensor >= 1, "parallel.tensor", f"must be >= 1, got {self.tensor}")
+        check(self.pipeline >= 1, "parallel.pipeline", f"must be >= 1, got {self.pipeline}")
+        if self.pipeline > 1:
+            check(
+                self.zero_stage != 3,
+                "parallel.zero_stage",
+                "ZeRO-3 with pipeline parallelism is refused: DeepSpeed's ZeRO-3 runs a "
+                "collective in every forward, which deadlocks against the other stages' p2p "
+                "(use zero_stage 0, 1 or 2)",
+            )
+            check(
+                not self.sequence_parallel,
+                "parallel.sequence_parallel",
+                "sequence parallelism with pipeline parallelism is not supported (untested)",
+            )
+            check(
+                not self.offload_optimizer,
+                "parallel.offload_optimizer",
+                "optimizer offload with pipeline parallelism is not supported (untested)",
+            )
         check(
             self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"{self.zero_stage} not in 0-3"
         )
@@ -142,7 +165,7 @@ class CheckpointConfig:
     fsync: bool = False
     reshard: bool = False
     #: load DeepSpeed's files with full pickle (code in a tampered file would run); default:
-    #: ``weights_only`` with an allow-list (``pretrain.checkpoint.deepspeed_compat``)
+    #: ``weights_only`` with an allow-list (``pretrain.parallel.deepspeed_compat``)
     trust_pickles: bool = False
     #: retries of a save whose write failed on some rank for another reason than a full disk
     save_retries: int = 1
@@ -178,6 +201,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.model.check_tensor_parallel(self.parallel.tensor)
+        self.model.check_pipeline_parallel(self.parallel.pipeline)
+        p = self.parallel
+        check(
+            not (p.pipeline > 2 and p.zero_stage == 2 and self.model.tied_embeddings),
+            "parallel.zero_stage",
+            f"ZeRO-2 with tied embeddings needs pipeline size <= 2, got {p.pipeline}: DeepSpeed "
+            "all-reduces the gradient norm per parameter group, and the middle stages hold no "
+            "copy of the tied embedding (untie it: model.tied_embeddings=false, or use ZeRO-1)",
+        )
         check(
             self.training.global_batch_size % self.training.micro_batch_size == 0,
             "training.global_batch_size",
@@ -195,19 +227,29 @@ class TrainConfig:
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP size for ``world_size`` ranks; raises ``ConfigError`` when the shapes do not fit."""
-        tp = self.parallel.tensor
+        tp, pp = self.parallel.tensor, self.parallel.pipeline
         check(
-            world_size % tp == 0,
-            "parallel.tensor",
-            f"world size {world_size} is not divisible by tensor-parallel size {tp}",
+            world_size % (tp * pp) == 0,
+            "parallel.tensor" if pp == 1 else "parallel.pipeline",
+            f"world size {world_size} is not divisible by tensor-parallel size {tp}"
+            + (f" × pipeline-parallel size {pp} = {tp * pp}" if pp > 1 else ""),
         )
-        dp = world_size // tp
+        dp = world_size // (tp * pp)
         per_step = self.training.micro_batch_size * dp
         check(
             self.training.global_batch_size % per_step == 0,
             "training.global_batch_size",
             f"{self.training.global_batch_size} is not divisible by micro_batch_size × DP = "
             f"{self.training.micro_batch_size} × {dp} = {per_step}",
+        )
+        micro_batches = self.training.global_batch_size // per_step
+        check(
+            micro_batches >= pp,
+            "training.global_batch_size",
+            f"{micro_batches} micro-batches per step (global_batch_size "
+            f"{self.training.global_batch_size} / (micro_batch_size "
+            f"{self.training.micro_batch_size} × DP {dp})) are fewer than the {pp} pipeline "
+            "stages: some stages would never work at once; raise global_batch_size",
         )
         return dp
 

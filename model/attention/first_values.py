@@ -3,8 +3,9 @@
 NeuTRENO and ResFormer/SVFormer mix layer 0's values ``V¹`` into later layers. One
 ``FirstLayerValues`` object is shared by all core-attention modules of a model: layer 0 puts its
 values (this rank's heads: tensor parallelism needs nothing more), later layers read them. The
-model clears it at the start of every forward (``attach``), so nothing leaks between passes;
+model resets it at the start of every forward (``attach``), so nothing leaks between passes;
 within a pass it keeps the forward's tensor, which is what activation recompute replays against.
+On a later pipeline stage V¹ arrives with the stage's input (``arrive``) instead.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 class FirstLayerValues:
     def __init__(self) -> None:
         self.value: torch.Tensor | None = None
+        self._arrived: torch.Tensor | None = None
 
     def clear(self) -> None:
         self.value = None
@@ -22,14 +24,21 @@ class FirstLayerValues:
     def put(self, value: torch.Tensor) -> None:
         self.value = value
 
+    def arrive(self, value: torch.Tensor) -> None:
+        """V¹ received from the previous pipeline stage, for this stage's next forward."""
+        self._arrived = value
+
     def get(self) -> torch.Tensor:
         if self.value is None:
             raise RuntimeError(
                 "the first layer's values are not available: layer 0 has not run in this forward "
-                "pass (pipeline parallelism is not supported with cross-layer value variants)"
+                "pass and no earlier pipeline stage sent them"
             )
         return self.value
 
+    def _begin_forward(self, *_) -> None:
+        self.value, self._arrived = self._arrived, None
+
     def attach(self, model: torch.nn.Module) -> None:
-        """Clear at the start of every forward of ``model``."""
-        model.register_forward_pre_hook(lambda *_: self.clear())
+        """Reset at the start of every forward of ``model`` (to V¹ that arrived, if any)."""
+        model.register_forward_pre_hook(self._begin_forward)

@@ -19,12 +19,6 @@ import torch.distributed as dist
 from data_prep import atomic
 from pretrain import faults
 from pretrain.checkpoint import reshard
-from pretrain.checkpoint.deepspeed_compat import (
-    collect_save_errors,
-    fix_zero3_universal_load,
-    safe_loads,
-    universal_loading,
-)
 from pretrain.checkpoint.layout import (
     CHECKSUMS,
     LATEST,
@@ -44,6 +38,12 @@ from pretrain.checkpoint.layout import (
 )
 from pretrain.checkpoint.state import TrainerState
 from pretrain.errors import CheckpointError
+from pretrain.parallel.deepspeed_compat import (
+    collect_save_errors,
+    fix_zero3_universal_load,
+    safe_loads,
+    universal_loading,
+)
 
 
 @dataclass

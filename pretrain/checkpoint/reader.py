@@ -21,7 +21,6 @@ from data_prep.tokenizer import SentencePieceTokenizer, file_sha256
 from model import ModelConfig
 from model.strict_config import from_dict
 from model.tp_layout import Split, merge, shard
-from pretrain.checkpoint.deepspeed_compat import safe_load, safe_loads
 from pretrain.checkpoint.layout import (
     MARKER,
     TOKENIZER_FILE,
@@ -33,6 +32,7 @@ from pretrain.checkpoint.layout import (
 )
 from pretrain.checkpoint.state import TrainerState
 from pretrain.errors import CheckpointError
+from pretrain.parallel.deepspeed_compat import safe_load, safe_loads
 
 
 @dataclass

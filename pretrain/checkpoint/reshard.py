@@ -47,12 +47,6 @@ import torch
 import xxhash
 
 from data_prep import atomic
-from pretrain.checkpoint.deepspeed_compat import (
-    ds_to_universal_args,
-    safe_load,
-    safe_loads,
-    scan,
-)
 from pretrain.checkpoint.layout import (
     CHECKSUMS,
     MARKER,
@@ -62,6 +56,12 @@ from pretrain.checkpoint.layout import (
     verify_files,
 )
 from pretrain.errors import CheckpointError
+from pretrain.parallel.deepspeed_compat import (
+    ds_to_universal_args,
+    safe_load,
+    safe_loads,
+    scan,
+)
 
 UNIVERSAL_DIR = "universal"
 SOURCE = "SOURCE.json"

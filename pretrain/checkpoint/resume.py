@@ -38,13 +38,15 @@ def check_supported(saved: Topology, here: Topology) -> bool:
     a, b = saved.zero_stage, here.zero_stage
     where = f"a {saved.describe()} checkpoint cannot be resumed at {here.describe()}"
     if a == 0 or b == 0:
-        if a == b == 0 and saved.tensor == here.tensor:
-            return False  # ZeRO-0 model states are per TP rank only: any DP loads them as they are
+        same_model_shards = (saved.tensor, saved.pipeline) == (here.tensor, here.pipeline)
+        if a == b == 0 and same_model_shards:
+            return False  # ZeRO-0 model states are per TP (× PP) rank: any DP loads them as is
         if a == 0:
             raise CheckpointError(
                 f"{where}: ZeRO-0 checkpoints keep a plain optimizer state that DeepSpeed's "
-                "universal conversion does not read. Supported: resume with zero_stage=0 and "
-                f"parallel.tensor={saved.tensor} at any data-parallel size"
+                "universal conversion does not read. Supported: resume with zero_stage=0, "
+                f"parallel.tensor={saved.tensor} and parallel.pipeline={saved.pipeline} at any "
+                "data-parallel size"
             )
         raise CheckpointError(
             f"{where}: a universal checkpoint cannot be loaded into ZeRO-0 (DeepSpeed restores it "
@@ -64,7 +66,7 @@ def check_supported(saved: Topology, here: Topology) -> bool:
             + (
                 "resume with zero_stage=3 and parallel.tensor=1 at any data-parallel size"
                 if a == 3
-                else "resume with zero_stage 1 or 2 at any TP × DP"
+                else "resume with zero_stage 1 or 2 at any TP × DP × PP"
             )
         )
     return True

@@ -3,10 +3,10 @@
 Everything that writes or reads a checkpoint's state goes through :class:`TrainerState`::
 
     {
-      "version": 1,                      # this schema; absent in checkpoints written before it
+      "version": 2,                      # this schema; absent in checkpoints written before it
       "step": int, "consumed_samples": int, "skipped_steps": int,
       "config": {...},                   # the run's full TrainConfig as plain data
-      "topology": {"tensor": T, "data": D, "zero_stage": Z},
+      "topology": {"tensor": T, "data": D, "zero_stage": Z, "pipeline": P},  # P: version >= 2
       "tp_layout": {param: {"dim": d|null, "stride": s}},
       "versions": {library: version},
       "tokenizer": {"file": "tokenizer.model", "sha256": …, "vocab_size": V, "eod": id}
@@ -24,7 +24,7 @@ from typing import Any
 
 from pretrain.errors import CheckpointError
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: topology.pipeline
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,11 @@ class Topology:
     tensor: int
     data: int
     zero_stage: int
+    pipeline: int = 1
 
     def describe(self) -> str:
-        return f"TP{self.tensor}×DP{self.data} ZeRO-{self.zero_stage}"
+        pp = f"×PP{self.pipeline}" if self.pipeline > 1 else ""
+        return f"TP{self.tensor}×DP{self.data}{pp} ZeRO-{self.zero_stage}"
 
 
 @dataclass(frozen=True)
@@ -89,9 +91,7 @@ class TrainerState:
                 consumed_samples=_int(data, "consumed_samples", where),
                 skipped_steps=_int(data, "skipped_steps", where, default=0),
                 config=_dict(data, "config", where),
-                topology=Topology(
-                    **_ints(data, "topology", ("tensor", "data", "zero_stage"), where)
-                ),
+                topology=_topology(data, where),
                 tp_layout=_dict(data, "tp_layout", where),
                 tokenizer=TokenizerInfo(**_tokenizer(data, where)),
                 versions=_dict(data, "versions", where, default={}),
@@ -122,6 +122,13 @@ def _dict(data: dict, key: str, where, default: dict | None = None) -> dict:
 def _ints(data: dict, key: str, names: tuple[str, ...], where) -> dict[str, int]:
     section = _dict(data, key, where)
     return {n: _int(section, n, f"{where} [{key}]") for n in names}
+
+
+def _topology(data: dict, where) -> Topology:
+    fields = _ints(data, "topology", _TOPOLOGY_KEYS, where)
+    section = data["topology"]
+    pipeline = _int(section, "pipeline", f"{where} [topology]") if "pipeline" in section else 1
+    return Topology(**fields, pipeline=pipeline)
 
 
 def _tokenizer(data: dict, where) -> dict[str, Any]:

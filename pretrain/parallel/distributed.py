@@ -1,4 +1,4 @@
-"""Process groups: torch.distributed via DeepSpeed, then megatron-core's TP × DP groups."""
+"""Process groups: torch.distributed via DeepSpeed, then megatron-core's TP × DP × PP groups."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init(env: LaunchEnv, tensor_parallel: int, timeout_minutes: float) -> None:
+def init(
+    env: LaunchEnv, tensor_parallel: int, timeout_minutes: float, pipeline_parallel: int = 1
+) -> None:
     """Initialise the default group (finite timeout) and megatron's parallel state."""
     import deepspeed
 
@@ -32,6 +34,7 @@ def init(env: LaunchEnv, tensor_parallel: int, timeout_minutes: float) -> None:
     )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
         distributed_timeout_minutes=max(1, round(timeout_minutes)),
     )
 

@@ -30,10 +30,15 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     if p.zero_stage == 3:
         # keep whole-model gathering out of the save path; we reshard via universal checkpoints
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+    accumulation = cfg.grad_accumulation(world_size)
+    if p.pipeline > 1:
+        # megatron's schedule runs the micro-batches and divides the loss by their number: to
+        # DeepSpeed every optimizer step is one "micro-batch" whose backwards only accumulate
+        accumulation = 1
     ds = {
-        "train_batch_size": t.global_batch_size,
+        "train_batch_size": t.micro_batch_size * cfg.data_parallel_size(world_size) * accumulation,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accumulation(world_size),
+        "gradient_accumulation_steps": accumulation,
         "gradient_clipping": o.grad_clip,
         "optimizer": {"type": "AdamW", "params": opt_params},
         "zero_optimization": zero,
@@ -42,6 +47,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "checkpoint": {"tag_validation": "FAIL"},
     }
+    if p.pipeline > 1:
+        ds["managed_gradient_accumulation"] = False
     if p.zero_stage == 0:
         # ZeRO-0 gets our SkippableAdamW, and clipping happens in pretrain.optimizer (one norm pass)
         del ds["optimizer"]

@@ -13,17 +13,20 @@ from megatron.core import parallel_state as ps
 
 
 class MegatronMPU:
-    """Tensor parallel = model parallel (pipeline size is 1); data parallel as megatron sets it."""
+    """Model parallel = tensor × pipeline (megatron's model-parallel group; the TP group at
+    pipeline size 1, so checkpoint names ``mp_rank_XX`` stay as they were); data parallel as
+    megatron sets it."""
 
-    # model parallel == tensor parallel with PP = 1
     def get_model_parallel_group(self):
-        return ps.get_tensor_model_parallel_group()
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return ps.get_tensor_model_parallel_group()
+        return ps.get_model_parallel_group()
 
     def get_model_parallel_rank(self) -> int:
-        return ps.get_tensor_model_parallel_rank()
+        return dist.get_rank(self.get_model_parallel_group())
 
     def get_model_parallel_world_size(self) -> int:
-        return ps.get_tensor_model_parallel_world_size()
+        return dist.get_world_size(self.get_model_parallel_group())
 
     def get_tensor_model_parallel_group(self):
         return ps.get_tensor_model_parallel_group()
@@ -53,10 +56,10 @@ class MegatronMPU:
         return ps.get_pipeline_model_parallel_group()
 
     def get_pipeline_model_parallel_rank(self) -> int:
-        return 0
+        return ps.get_pipeline_model_parallel_rank()
 
     def get_pipeline_model_parallel_world_size(self) -> int:
-        return 1
+        return ps.get_pipeline_model_parallel_world_size()
 
     get_pipe_parallel_group = get_pipeline_model_parallel_group
     get_pipe_parallel_rank = get_pipeline_model_parallel_rank

@@ -42,21 +42,17 @@ def zero0_optimizer(groups: list[dict], opt: OptimizerConfig) -> SkippableAdamW:
     )
 
 
-def global_grad_norm(params: list[torch.nn.Parameter], tp_group) -> float:
-    """L2 norm of the whole model's gradient under tensor parallelism.
+def global_grad_norm(params: list[torch.nn.Parameter], tp_group, pp_group=None) -> float:
+    """L2 norm of the whole model's gradient under tensor (and pipeline) parallelism.
 
     TP-split parameters contribute their shard on every rank (summed over the TP group);
     replicated parameters (norms, row-parallel biases) hold the same gradient on every TP rank
-    and are counted once.
+    and are counted once. Each pipeline stage adds its own parameters (summed over ``pp_group``);
+    the last stage's copy of a tied embedding (``ds_pipe_replicated``) is not counted again.
     """
-    split = [
-        p.grad for p in params if p.grad is not None and getattr(p, "tensor_model_parallel", False)
-    ]
-    replicated = [
-        p.grad
-        for p in params
-        if p.grad is not None and not getattr(p, "tensor_model_parallel", False)
-    ]
+    params = [p for p in params if p.grad is not None and not getattr(p, "ds_pipe_replicated", 0)]
+    split = [p.grad for p in params if getattr(p, "tensor_model_parallel", False)]
+    replicated = [p.grad for p in params if not getattr(p, "tensor_model_parallel", False)]
 
     def sq(grads: list[torch.Tensor]) -> torch.Tensor:
         if not grads:
@@ -66,17 +62,22 @@ def global_grad_norm(params: list[torch.nn.Parameter], tp_group) -> float:
     split_sq = sq(split)
     if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
         torch.distributed.all_reduce(split_sq, group=tp_group)
-    return math.sqrt(float(split_sq + sq(replicated)))
+    total = split_sq + sq(replicated)
+    if pp_group is not None and torch.distributed.get_world_size(pp_group) > 1:
+        torch.distributed.all_reduce(total, group=pp_group)
+    return math.sqrt(float(total))
 
 
-def zero0_prepare_step(engine, tp_group, max_norm: float, nonfinite: bool) -> tuple[float, bool]:
+def zero0_prepare_step(
+    engine, tp_group, max_norm: float, nonfinite: bool, pp_group=None
+) -> tuple[float, bool]:
     """Before a ZeRO-0 ``engine.step()``: grad norm, clipping, and the non-finite skip.
 
     DeepSpeed's own ZeRO-0 clipping is off (``ds_config``) so the norm is computed once, here.
     Returns ``(grad_norm, skipped)``.
     """
     params = list(engine.module.parameters())
-    norm = global_grad_norm(params, tp_group)
+    norm = global_grad_norm(params, tp_group, pp_group)
     if nonfinite or not math.isfinite(norm):
         engine.optimizer.skip_next_step()
         return norm, True

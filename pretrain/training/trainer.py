@@ -19,10 +19,11 @@ from pretrain.checkpoint.resume import plan_resume
 from pretrain.checkpoint.state import TokenizerInfo, Topology, TrainerState
 from pretrain.config import TrainConfig
 from pretrain.errors import ExitCode, NonFiniteError
-from pretrain.parallel import distributed, rng
+from pretrain.parallel import deepspeed_compat, distributed, rng
 from pretrain.parallel.engine import build_engine, lm_loss
 from pretrain.parallel.launch_env import LaunchEnv
 from pretrain.parallel.optimizer import zero0_prepare_step
+from pretrain.parallel.pipeline import PipelineStep, sum_from_last_stage
 from pretrain.training.data import build_datasets, micro_batches
 from pretrain.training.flops import flops_per_token, peak_tflops
 from pretrain.training.lr_schedule import lr_at
@@ -63,7 +64,9 @@ class Trainer:
     def setup(self) -> None:
         cfg, env = self.cfg, self.env
         self.stop.install()
-        distributed.init(env, cfg.parallel.tensor, cfg.training.timeout_minutes)
+        distributed.init(
+            env, cfg.parallel.tensor, cfg.training.timeout_minutes, cfg.parallel.pipeline
+        )
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dp = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -92,6 +95,12 @@ class Trainer:
 
         built = build_engine(cfg, self.world)
         self.engine, self.num_params, self.layout = built.engine, built.num_params, built.layout
+        self.pipe: PipelineStep | None = None
+        if cfg.parallel.pipeline > 1:
+            runner = self.engine.module if cfg.parallel.zero_stage == 0 else self.engine
+            self.pipe = PipelineStep(
+                self.engine, runner, cfg.model.seq_length, cfg.training.micro_batch_size
+            )
         self.checkpoints = CheckpointManager(
             cfg.checkpoint_dir,
             cfg.checkpoint.keep_last,
@@ -158,18 +167,31 @@ class Trainer:
 
     def _topology(self) -> Topology:
         return Topology(
-            tensor=self.cfg.parallel.tensor, data=self.dp, zero_stage=self.cfg.parallel.zero_stage
+            tensor=self.cfg.parallel.tensor,
+            data=self.dp,
+            zero_stage=self.cfg.parallel.zero_stage,
+            pipeline=self.cfg.parallel.pipeline,
         )
 
     # ------------------------------------------------------------------ loop
     def run(self) -> int:
         cfg = self.cfg
+        pp = cfg.parallel.pipeline
         self.metrics.print(
-            f"[train] {self.world} ranks (TP {cfg.parallel.tensor} × DP {self.dp}), "
-            f"ZeRO-{cfg.parallel.zero_stage}, {cfg.parallel.precision}, "
-            f"grad accumulation {self.accumulation}, "
-            f"{self.num_params:,} parameters"
+            f"[train] {self.world} ranks (TP {cfg.parallel.tensor} × DP {self.dp}"
+            + (f" × PP {pp}" if pp > 1 else "")
+            + f"), ZeRO-{cfg.parallel.zero_stage}, {cfg.parallel.precision}, "
+            + (f"{self.accumulation} micro-batches per step" if pp > 1 else "grad accumulation ")
+            + ("" if pp > 1 else f"{self.accumulation}")
+            + f", {self.num_params:,} parameters"
         )
+        if pp > 1 and self.accumulation < 4 * pp:
+            bubble = (pp - 1) / (self.accumulation + pp - 1)
+            self.metrics.print(
+                f"[train] warning: {self.accumulation} micro-batches per step for {pp} pipeline "
+                f"stages: the pipeline idles {100 * bubble:.0f}% of each step (fewer than 4 × "
+                f"{pp}; raise training.global_batch_size or lower micro_batch_size)"
+            )
         if distributed.any_rank(self.stop.requested):  # a stop that arrived during start-up
             self.metrics.print("[train] stop requested before the first step; exiting to resume")
             return ExitCode.RESUMABLE
@@ -213,7 +235,6 @@ class Trainer:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         self.lr = lr
-        losses = []
         batches = micro_batches(
             self.train_ds,
             self.consumed_samples,
@@ -222,6 +243,9 @@ class Trainer:
             dp_rank=self.dp_rank,
             accumulation=self.accumulation,
         )
+        if self.pipe is not None:
+            return self._account(*self._pipeline_step(batches))
+        losses = []
         grad_norm = None
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
@@ -247,6 +271,45 @@ class Trainer:
             grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else None
         skipped = nonfinite or engine.skipped_steps > skipped_before
+        mean = torch.stack(losses).mean()
+        dist.all_reduce(mean, group=parallel_state.get_data_parallel_group())
+        return self._account(mean.item() / self.dp, grad_norm, skipped)
+
+    def _pipeline_step(self, batches) -> tuple[float, float | None, bool]:
+        """One step at pipeline size > 1: the schedule, then the tied-embedding sum, (ZeRO-0)
+        DP averaging and clipping, and the optimizer; the loss is the last stage's."""
+        cfg, engine, pipe = self.cfg, self.engine, self.pipe
+        assert pipe is not None
+        losses = pipe.forward_backward(b.to(self.device) for b in batches)
+        bad = losses is not None and not bool(torch.isfinite(losses).all())
+        nonfinite = distributed.any_rank(bad)
+        if nonfinite and cfg.training.nonfinite == "halt":
+            raise NonFiniteError(f"non-finite loss at step {self.step + 1}")
+        pipe.sum_tied_gradients(cfg.parallel.zero_stage)
+        grad_norm = None
+        if cfg.parallel.zero_stage == 0:
+            if self.dp > 1:
+                deepspeed_compat.allreduce_gradients_now(engine)
+            grad_norm, nonfinite = zero0_prepare_step(
+                engine,
+                parallel_state.get_tensor_model_parallel_group(),
+                cfg.optimizer.grad_clip,
+                nonfinite,
+                parallel_state.get_pipeline_model_parallel_group(),
+            )
+        skipped_before = engine.skipped_steps
+        engine.step()
+        if cfg.parallel.zero_stage > 0:
+            norm = engine.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None else None
+        skipped = nonfinite or engine.skipped_steps > skipped_before
+        mean = losses.mean() if losses is not None else torch.zeros((), device=self.device)
+        loss = sum_from_last_stage(mean).item() / self.dp
+        return loss, grad_norm, skipped
+
+    def _account(self, loss: float, grad_norm: float | None, skipped: bool) -> StepResult:
+        """Count skipped steps; halt on too many in a row."""
+        cfg = self.cfg
         if skipped and cfg.training.nonfinite == "halt":
             raise NonFiniteError(
                 f"non-finite gradient at step {self.step + 1} (DeepSpeed skipped it)"
@@ -265,9 +328,7 @@ class Trainer:
                 )
         else:
             self.consecutive_skips = 0
-        mean = torch.stack(losses).mean()
-        dist.all_reduce(mean, group=parallel_state.get_data_parallel_group())
-        return StepResult(loss=mean.item() / self.dp, grad_norm=grad_norm, skipped=skipped)
+        return StepResult(loss=loss, grad_norm=grad_norm, skipped=skipped)
 
     def _log(self, r: StepResult, elapsed: float) -> None:
         cfg = self.cfg
@@ -306,20 +367,27 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         g = cfg.training.global_batch_size
         for k in range(cfg.training.eval_steps):
-            for batch in micro_batches(
+            batches = micro_batches(
                 self.valid_ds,
                 k * g,
                 micro=cfg.training.micro_batch_size,
                 dp=self.dp,
                 dp_rank=self.dp_rank,
                 accumulation=self.accumulation,
-            ):
+            )
+            if self.pipe is not None:  # megatron's forward-only schedule
+                total += self.pipe.forward_sums(b.to(self.device) for b in batches)
+                continue
+            for batch in batches:
                 batch = batch.to(self.device)
                 per_token = self.engine(batch.tokens, batch.position_ids, None, labels=batch.labels)
                 total[0] += (per_token.double() * batch.loss_mask).sum()
                 total[1] += batch.loss_mask.sum()
         self.engine.train()
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        if self.pipe is not None:
+            total = sum_from_last_stage(total)
+        else:
+            dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
         loss = (total[0] / total[1]).item()
         ppl = math.exp(min(loss, 50))
         self.metrics.print(

@@ -1,4 +1,4 @@
-"""What ``pretrain.checkpoint.deepspeed_compat`` relies on in DeepSpeed, checked against the
+"""What ``pretrain.parallel.deepspeed_compat`` relies on in DeepSpeed, checked against the
 installed version: a DeepSpeed upgrade that changes any of it fails here, loudly."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import deepspeed
 import pytest
 import torch
 
-from pretrain.checkpoint import deepspeed_compat as compat
 from pretrain.errors import CheckpointError
+from pretrain.parallel import deepspeed_compat as compat
 
 
 class _Payload:
@@ -34,7 +34,7 @@ def _tampered(path: Path, flag: Path) -> Path:
 def test_the_checked_deepspeed_release():
     assert deepspeed.__version__.startswith("0.19."), (
         f"DeepSpeed {deepspeed.__version__}: re-verify every assumption in "
-        "pretrain/checkpoint/deepspeed_compat.py (its allow-list, the modules whose torch.load "
+        "pretrain/parallel/deepspeed_compat.py (its allow-list, the modules whose torch.load "
         "it guards, the converter's arguments, the ZeRO-3 universal repairs), then update this"
     )
 

@@ -1,4 +1,4 @@
-"""Every place the checkpoint code leans on DeepSpeed 0.19 internals, in one module.
+"""Every place the project leans on DeepSpeed 0.19 internals, in one module.
 
 ``tests/unit/test_deepspeed_compat.py`` checks each assumption against the installed DeepSpeed,
 so an upgrade that changes one fails there, loudly, instead of silently re-opening a hole.
@@ -22,6 +22,22 @@ so an upgrade that changes one fails there, loudly, instead of silently re-openi
   fields its CLI defines (:func:`ds_to_universal_args`).
 * **ZeRO-3 universal load**: two slips of its loader are repaired
   (:func:`fix_zero3_universal_load`).
+
+Training:
+
+* **No backward all-reduce**: ``engine.enable_backward_allreduce`` is turned off where there is
+  nothing to average (ZeRO-0 at DP 1) or where the pipeline step reduces itself
+  (:func:`disable_backward_allreduce`); ``engine.buffered_allreduce_fallback`` does that
+  reduction (:func:`allreduce_gradients_now`).
+* **Consecutive backwards** (pipeline 1F1B cool-down): DeepSpeed resets its ZeRO backward-hook
+  bookkeeping only in ``engine.forward``; :func:`reset_backward_state_per_backward` wraps
+  ``engine._backward_prologue`` to reset it (``optimizer.clear_backward_seen_flag``) whenever no
+  backward is active (``optimizer._backward_active_depth == 0``).
+* **Tied embedding under ZeRO-1/2**: its gradient is read with
+  ``optimizer.get_param_gradient_attribute``; under ZeRO-2 (reduced during backward) the tied
+  weight sits alone in a parameter group and ``optimizer.finalize_gradient_accumulation_boundary``
+  is wrapped to all-reduce that group's ``averaged_gradients`` across the embedding group
+  (:func:`sum_tied_group_at_boundary`).
 """
 
 from __future__ import annotations
@@ -220,3 +236,54 @@ def fix_zero3_universal_load(optimizer: Any, universal_dir: Path) -> None:
     for state in optimizer.state.values():
         if isinstance(state.get("step"), torch.Tensor):
             state["step"] = state["step"].clone()
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def disable_backward_allreduce(engine: Any) -> None:
+    """Stop DeepSpeed's own (ZeRO-0) gradient all-reduce at the end of each backward."""
+    engine.enable_backward_allreduce = False
+
+
+def allreduce_gradients_now(engine: Any) -> None:
+    """Average ``param.grad`` over data parallel now (ZeRO-0), as DeepSpeed would at a boundary."""
+    engine.buffered_allreduce_fallback()
+
+
+def reset_backward_state_per_backward(engine: Any) -> None:
+    """Let backwards follow each other without a forward between them (ZeRO-1/2)."""
+    optimizer = engine.optimizer
+    prologue = engine._backward_prologue
+
+    @functools.wraps(prologue)
+    def reset_then_prologue(*args: Any, **kwargs: Any) -> Any:
+        if optimizer._backward_active_depth == 0:
+            optimizer.clear_backward_seen_flag()
+        return prologue(*args, **kwargs)
+
+    engine._backward_prologue = reset_then_prologue
+
+
+def tied_gradient(engine: Any, param: torch.Tensor) -> torch.Tensor | None:
+    """The accumulated gradient of ``param`` as the engine's optimizer keeps it (before step)."""
+    get = getattr(engine.optimizer, "get_param_gradient_attribute", None)
+    return get(param) if get is not None else param.grad
+
+
+def sum_tied_group_at_boundary(engine: Any, group_index: int, group: Any) -> None:
+    """ZeRO-2: after DeepSpeed reduces a step's gradients into partitions, sum the partition of
+    parameter group ``group_index`` (the tied embedding alone) over ``group`` (first and last
+    pipeline stage hold identical partitions of it)."""
+    optimizer = engine.optimizer
+    finalize = optimizer.finalize_gradient_accumulation_boundary
+
+    @functools.wraps(finalize)
+    def finalize_then_sum(*args: Any, **kwargs: Any) -> Any:
+        out = finalize(*args, **kwargs)
+        grads = optimizer.averaged_gradients.get(group_index)
+        for g in [grads] if isinstance(grads, torch.Tensor) else grads or []:
+            torch.distributed.all_reduce(g, group=group)
+        return out
+
+    optimizer.finalize_gradient_accumulation_boundary = finalize_then_sum

@@ -1,0 +1,107 @@
+"""Pipeline stages of the GPT: which layers a stage holds, their global names, and what crosses
+from one stage to the next.
+
+At pipeline size 1 everything here is the identity: one stage holds every layer under the names
+it always had.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from model.attention.first_values import FirstLayerValues
+
+#: seeds of the streams that initialise each layer and the (untied) output layer
+_LAYER_STREAM, _OUTPUT_STREAM = 1_000_003, 999_983
+
+
+def stage_layers(config: TransformerConfig) -> range:
+    """The global (0-based) indices of the layers this pipeline stage builds."""
+    offset = get_transformer_layer_offset(config)
+    return range(offset, offset + get_num_layers_to_build(config))
+
+
+def layer_seed(base: int, global_layer: int) -> int:
+    """The seed that initialises global layer ``global_layer`` (1-based) of a run seeded ``base``:
+    one stream per layer, so every pipeline layout builds the same weights."""
+    return (base * _LAYER_STREAM + global_layer) % 2**63
+
+
+def output_seed(base: int) -> int:
+    """The seed of the untied output layer's initialisation."""
+    return (base * _OUTPUT_STREAM + 1) % 2**63
+
+
+class OffsetModuleList(torch.nn.ModuleList):
+    """A ``ModuleList`` whose parameter names count from ``offset``; indexing stays local.
+
+    A stage's layers are registered under their global index (``decoder.layers.6…`` on the
+    second of two stages of a 12-layer model), so state dicts, DeepSpeed's parameter names and
+    universal checkpoints read the same at every pipeline size.
+    """
+
+    def __init__(self, modules: list[torch.nn.Module], offset: int) -> None:
+        super().__init__()
+        self.offset = offset
+        for i, m in enumerate(modules):
+            self._modules[str(offset + i)] = m
+
+    def _get_abs_string_index(self, idx) -> str:
+        n = len(self)
+        idx = int(idx)
+        if not -n <= idx < n:
+            raise IndexError(f"index {idx} is out of range")
+        return str(self.offset + (idx % n))
+
+
+def use_global_layer_names(model: torch.nn.Module, offset: int) -> None:
+    """Rename ``model.decoder.layers`` to global indices (a no-op on the first stage)."""
+    if offset:
+        model.decoder.layers = OffsetModuleList(list(model.decoder.layers), offset)
+
+
+class FirstValuesTransport:
+    """Carries layer 0's values V¹ to later stages inside the one tensor a stage sends:
+    ``[hidden | V¹]`` of shape ``[s, b, hidden + width]`` (``width`` = this rank's value heads ×
+    head dim). One tensor because megatron's schedule back-propagates only the first output;
+    gradients reach layer 0's value projection through the concatenation."""
+
+    def __init__(
+        self, holder: FirstLayerValues, hidden_size: int, groups: int, head_dim: int
+    ) -> None:
+        self.holder, self.hidden_size, self.head_dim = holder, hidden_size, head_dim
+        self.width = groups * head_dim
+
+    def attach(self, model: torch.nn.Module) -> None:
+        if not model.pre_process:
+            set_decoder_input = model.set_input_tensor
+
+            def set_input_tensor(tensor) -> None:
+                if isinstance(tensor, list):
+                    (tensor,) = tensor
+                if tensor is None:
+                    set_decoder_input(tensor)
+                    return
+                hidden, values = tensor.split([self.hidden_size, self.width], dim=-1)
+                s, b = values.shape[:2]
+                self.holder.arrive(values.reshape(s, b, -1, self.head_dim).transpose(0, 1))
+                set_decoder_input(hidden)
+
+            model.set_input_tensor = set_input_tensor
+        if not model.post_process:
+            model.register_forward_hook(self._append)
+
+    def _append(self, _module, _args, hidden: torch.Tensor) -> torch.Tensor:
+        v = self.holder.get()  # [b, s, groups, head_dim]
+        return torch.cat([hidden, v.transpose(0, 1).reshape(*hidden.shape[:2], -1)], dim=-1)
+
+    def adjust_shapes(self, recv: list, send: list) -> tuple[list, list]:
+        """For the schedule: every tensor between stages is ``width`` wider."""
+
+        def wider(shapes):
+            return [(*shape[:-1], shape[-1] + self.width) for shape in shapes]
+
+        return wider(recv), wider(send)
