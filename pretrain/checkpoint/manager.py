@@ -221,7 +221,9 @@ class CheckpointManager:
         client_state: dict[str, Any] = {"trainer": state.to_json()}
         # TP merge rules for DeepSpeed's universal conversion
         with contextlib.suppress(CheckpointError):  # no rule: only same-layout resumes
-            client_state[reshard.INFO_KEY] = reshard.universal_info(state.tp_layout)
+            client_state[reshard.INFO_KEY] = reshard.universal_info(
+                state.tp_layout, reshard.tied_across_stages(state)
+            )
         errors: list[tuple[str, BaseException]] = []
 
         def guarded(path: Path, write) -> None:

@@ -3,8 +3,9 @@
 ``open_checkpoint`` accepts a run directory, a checkpoint root (with ``latest``), one
 ``step_XXXXXXXX`` directory or a consolidated weights file (``pretrain.consolidate``), refuses
 incomplete or damaged checkpoints, and checks a user-given tokenizer against the one saved with
-the run. ``full_state_dict`` merges the TP shards into the TP=1 weights (ZeRO 0–2 from
-DeepSpeed's module states, ZeRO-3 from its fp32 partitions).
+the run. ``full_state_dict`` merges the pipeline stages (their parameter names are global: a union)
+and the TP shards into the TP=1 weights (ZeRO 0–2 from DeepSpeed's module states, ZeRO-3 from its
+fp32 partitions).
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class Checkpoint:
     @property
     def tensor_parallel(self) -> int:
         return 1 if self.weights is not None else self.state.topology.tensor
+
+    @property
+    def pipeline_parallel(self) -> int:
+        return 1 if self.weights is not None else self.state.topology.pipeline
 
     @property
     def zero_stage(self) -> int:
@@ -154,15 +159,29 @@ def _clean(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
 
 
+#: the last pipeline stage's copy of a tied embedding (the first stage's is the weight)
+TIED_COPY = "output_layer.weight"
+
+
 def tp_shards(ck: Checkpoint) -> list[dict[str, torch.Tensor]]:
-    """The saved module weights of each TP rank (verified against the checksums first)."""
-    tp = ck.tensor_parallel
+    """The saved module weights of each TP rank, all pipeline stages merged (verified against
+    the checksums first). File ``mp_rank_{stage·TP + tp}`` holds stage ``stage`` of TP rank
+    ``tp``; the tied embedding's second copy is left out."""
+    tp, pp = ck.tensor_parallel, ck.pipeline_parallel
     if ck.zero_stage < 3:
-        files = [_module_file(ck, r) for r in range(tp)]
-        problems = verify_files(ck.tag_dir, [f.name for f in files])
+        files = [[_module_file(ck, stage * tp + r) for stage in range(pp)] for r in range(tp)]
+        problems = verify_files(ck.tag_dir, [f.name for stages in files for f in stages])
         if problems:
             raise CheckpointError("; ".join(problems))
-        return [_clean(_module(f)) for f in files]
+        shards = []
+        for stages in files:
+            merged: dict[str, torch.Tensor] = {}
+            for f in stages:
+                merged.update(_clean(_module(f)))
+            if pp > 1 and ck.model.tied_embeddings:
+                merged.pop(TIED_COPY, None)
+            shards.append(merged)
+        return shards
     problems = verify_files(ck.tag_dir)
     if problems:
         raise CheckpointError("; ".join(problems))
@@ -202,7 +221,8 @@ def full_state_dict(ck: Checkpoint) -> dict[str, torch.Tensor]:
 
 def state_dict_for_rank(ck: Checkpoint, rank: int, tp: int) -> dict[str, torch.Tensor]:
     """Weights for TP rank ``rank`` of ``tp`` (direct when ``tp`` is the saved TP size)."""
-    if tp == ck.tensor_parallel and ck.zero_stage < 3 and ck.weights is None:
+    direct = ck.weights is None and ck.zero_stage < 3 and ck.pipeline_parallel == 1
+    if direct and tp == ck.tensor_parallel:
         path = _module_file(ck, rank)
         problems = verify_files(ck.tag_dir, [path.name])
         if problems:

@@ -55,6 +55,7 @@ from pretrain.checkpoint.layout import (
     read_state,
     verify_files,
 )
+from pretrain.checkpoint.state import TrainerState
 from pretrain.errors import CheckpointError
 from pretrain.parallel.deepspeed_compat import (
     ds_to_universal_args,
@@ -73,6 +74,9 @@ VERSION_KEY = "universal_checkpoint_version"
 AVERAGE = "parameter_to_average_patterns"
 ROW_PARALLEL = "parameter_with_row_parallelism_patterns"
 TWO_SUB_PARAMS = "parameter_with_2_sub_params_cat_dim_0"
+PIPELINE_REPLICATED = "pipeline_replicated_parameter_patterns"
+#: the last pipeline stage's copy of a tied embedding, and the weight it copies
+TIED_COPY, TIED_WEIGHT = "output_layer.weight", "embedding.word_embeddings.weight"
 #: pre-0.4 metadata: we declare no sub-parameter widths (our only sub-parameter split is SwiGLU's
 #: even 2-way split, expressed with ``parameter_with_2_sub_params_cat_dim_0``)
 UC_VERSION = 0.3
@@ -101,17 +105,25 @@ def _category(name: str, split: dict[str, Any]) -> str | None:
     )
 
 
-def universal_info(tp_layout: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def tied_across_stages(state: TrainerState) -> bool:
+    """Whether ``state``'s checkpoint holds a tied embedding on two pipeline stages."""
+    return state.topology.pipeline > 1 and bool(state.model_config.get("tied_embeddings", True))
+
+
+def universal_info(tp_layout: dict[str, dict[str, Any]], tied_copy: bool = False) -> dict[str, Any]:
     """DeepSpeed's ``universal_checkpoint_info`` for a model with this TP layout.
 
     ``tp_layout`` is ``{parameter name: {"dim": d|None, "stride": s}}`` (``trainer_state.json``).
     Layer indices are generalised (``decoder\\.layers\\.\\d+\\.…``), so the lists stay short.
+    ``tied_copy``: the last pipeline stage's copy of the tied embedding is skipped (the first
+    stage's is the weight).
     """
     info: dict[str, Any] = {
         VERSION_KEY: UC_VERSION,
         AVERAGE: [],
         ROW_PARALLEL: [],
         TWO_SUB_PARAMS: [],
+        PIPELINE_REPLICATED: [re.escape(TIED_COPY) + "$"] if tied_copy else [],
     }
     seen: dict[str, str | None] = {}
     for name, split in sorted(tp_layout.items()):
@@ -207,7 +219,7 @@ def convert(
             f"{tag_dir} is a ZeRO-0 checkpoint: DeepSpeed's universal conversion needs ZeRO "
             "partitions (resume it with zero_stage=0 at the same TP; any DP size works as is)"
         )
-    info = universal_info(state.tp_layout)
+    info = universal_info(state.tp_layout, tied_across_stages(state))
     root = universal_root(tag_dir.parent)
     out = root / tag_dir.name
     for stale in root.glob(f".tmp-{tag_dir.name}-*"):  # left by a killed conversion
@@ -218,6 +230,8 @@ def convert(
         with safe_loads(trust_pickles):
             _run_converter(scratch / "input", scratch / tag_dir.name, workers, quiet)
         result = scratch / tag_dir.name
+        if state.model_config.get("tied_embeddings", True):
+            _link_tied_copy(result / "zero")
         for name in (STATE, TOKENIZER_FILE):
             if (tag_dir / name).is_file():
                 shutil.copy2(tag_dir / name, result / name)
@@ -239,6 +253,18 @@ def convert(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return out
+
+
+def _link_tied_copy(zero_dir: Path) -> None:
+    """Any pipeline stage that holds the tied embedding's copy loads it from the weight's state
+    (what the converter left for the copy is not a whole state: dropped)."""
+    copy = zero_dir / TIED_COPY
+    if copy.is_symlink() or copy.is_file():
+        copy.unlink()
+    elif copy.is_dir():
+        shutil.rmtree(copy)
+    if (zero_dir / TIED_WEIGHT).is_dir():
+        os.symlink(TIED_WEIGHT, copy, target_is_directory=True)
 
 
 def _run_converter(input_dir: Path, output_dir: Path, workers: int, quiet: bool) -> None:

@@ -37,7 +37,9 @@ Training:
   ``optimizer.get_param_gradient_attribute``; under ZeRO-2 (reduced during backward) the tied
   weight sits alone in a parameter group and ``optimizer.finalize_gradient_accumulation_boundary``
   is wrapped to all-reduce that group's ``averaged_gradients`` across the embedding group
-  (:func:`sum_tied_group_at_boundary`).
+  (:func:`sum_tied_group_at_boundary`). Universal loading pairs the optimizer's groups with the
+  saved ones by position (``zip``), so a group the saved optimizer lacked (the tied one) is
+  loaded here after DeepSpeed's loop, as that loop does (:func:`load_groups_the_save_lacked`).
 """
 
 from __future__ import annotations
@@ -287,3 +289,38 @@ def sum_tied_group_at_boundary(engine: Any, group_index: int, group: Any) -> Non
         return out
 
     optimizer.finalize_gradient_accumulation_boundary = finalize_then_sum
+
+
+def load_groups_the_save_lacked(engine: Any) -> None:
+    """ZeRO-1/2 universal loading: also restore parameter groups beyond the saved count."""
+    optimizer = engine.optimizer
+    original = optimizer._load_universal_checkpoint
+
+    @functools.wraps(original)
+    def load_then_the_rest(checkpoint_folder, *args: Any, **kwargs: Any) -> Any:
+        out = original(checkpoint_folder, *args, **kwargs)
+        from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
+
+        zero = Path(checkpoint_folder) / "zero"
+        saved = safe_load(zero / "optimizer_state.pt")["param_groups"]
+        groups = optimizer.optimizer.param_groups
+        tp_rank = optimizer.mpu.get_tensor_model_parallel_rank()
+        tp_size = optimizer.mpu.get_tensor_model_parallel_world_size()
+        for i in range(len(saved), len(groups)):
+            keys: set[str] = set()
+            steps = []
+            for lp in optimizer.bit16_groups[i]:
+                if lp._hp_mapping is not None:
+                    path = str(zero / optimizer.param_names[lp])
+                    steps.append(lp.load_hp_checkpoint_state(path, tp_rank, tp_size))
+                    keys.update(lp._hp_mapping.get_optim_state_keys())
+            hp = groups[i]["params"][0]
+            if steps and steps[0] is not None:
+                optimizer.optimizer.state[hp]["step"] = steps[0]
+            map_to_flat_opt_states(hp, optimizer.bit16_groups[i], optimizer.optimizer.state, keys)
+            for key in ("lr", "betas", "eps"):
+                if key in saved[0]:
+                    groups[i][key] = saved[0][key]
+        return out
+
+    optimizer._load_universal_checkpoint = load_then_the_rest

@@ -102,6 +102,7 @@ def build_engine(cfg: TrainConfig, world_size: int) -> Built:
         deepspeed_compat.sum_tied_group_at_boundary(
             engine, len(groups) - 1, ps.get_embedding_group()
         )
+        deepspeed_compat.load_groups_the_save_lacked(engine)
     return Built(engine=engine, num_params=num_params, layout=layout)
 
 
