@@ -44,9 +44,10 @@ def check_supported(saved: Topology, here: Topology) -> bool:
         if a == 0:
             raise CheckpointError(
                 f"{where}: ZeRO-0 checkpoints keep a plain optimizer state that DeepSpeed's "
-                "universal conversion does not read. Supported: resume with zero_stage=0, "
-                f"parallel.tensor={saved.tensor} and parallel.pipeline={saved.pipeline} at any "
-                "data-parallel size"
+                "universal conversion does not read. Supported: resume with zero_stage=0 and "
+                f"parallel.tensor={saved.tensor}"
+                + (f" and parallel.pipeline={saved.pipeline}" if saved.pipeline > 1 else "")
+                + " at any data-parallel size"
             )
         raise CheckpointError(
             f"{where}: a universal checkpoint cannot be loaded into ZeRO-0 (DeepSpeed restores it "

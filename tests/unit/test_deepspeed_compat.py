@@ -158,3 +158,91 @@ def test_deepspeed_writes_checkpoints_through_its_checkpoint_engine(tmp_path):
     assert [p for p, _ in errors] == [str(target)]
     assert "save" not in vars(engine.checkpoint_engine)  # the real methods again
     assert "_copy_recovery_script" not in vars(engine)
+
+
+# ------------------------------------------------------------------------- training workarounds
+def _zero_engine(stage: int, *, reset: bool):
+    import os
+
+    import deepspeed
+
+    os.environ.setdefault("LOCAL_RANK", "0")
+    from pretrain.parallel.mpu import MegatronMPU
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    config = {
+        "train_batch_size": 1,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,
+        "steps_per_print": 2**31 - 1,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=list(model.parameters()), config=config, mpu=MegatronMPU()
+    )
+    if reset:
+        compat.reset_backward_state_per_backward(engine)
+    return engine
+
+
+def _two_forwards_then_two_backwards(engine) -> list[torch.Tensor]:
+    """1F1B's cool-down: two backwards with no forward between them, then one step."""
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    first, second = engine(x[:1]), engine(x[1:])
+    first.sum().backward()
+    second.sum().backward()
+    engine.step()
+    return [p.detach().clone() for p in engine.module.parameters()]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_consecutive_backwards_need_the_reset_and_get_it(one_rank, stage):
+    """Reference: the same SGD step on the summed gradient of both samples, in plain torch."""
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    ref(x).sum().backward()
+    with torch.no_grad():
+        expected = [p - 0.1 * p.grad for p in ref.parameters()]
+
+    fixed = _zero_engine(stage, reset=True)
+    got = _two_forwards_then_two_backwards(fixed)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, expected, strict=True))
+    assert fixed.optimizer._backward_active_depth == 0
+    # DeepSpeed 0.19 itself leaves the second backward's bookkeeping open (and ZeRO-2, which
+    # reduces in its hooks, takes a wrong step): when this stops failing the workaround can go
+    broken = _zero_engine(stage, reset=False)
+    got = _two_forwards_then_two_backwards(broken)
+    assert broken.optimizer._backward_active_depth != 0
+    if stage == 2:
+        assert not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(got, expected, strict=True))
+
+
+def test_the_private_names_the_training_workarounds_use_exist():
+    from deepspeed.runtime import base_optimizer
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    for name in ("_backward_prologue", "buffered_allreduce_fallback"):
+        assert callable(getattr(DeepSpeedEngine, name)), name
+    assert "self.enable_backward_allreduce" in inspect.getsource(DeepSpeedEngine)
+    for name in (
+        "clear_backward_seen_flag",
+        "get_param_gradient_attribute",
+        "finalize_gradient_accumulation_boundary",
+        "_load_universal_checkpoint",
+    ):
+        assert callable(getattr(DeepSpeedZeroOptimizer, name)), name
+    source = inspect.getsource(DeepSpeedZeroOptimizer)
+    assert "self.averaged_gradients[i] =" in source and "self.bit16_groups" in source
+    # universal loading still pairs groups by position: a group the save lacked is skipped
+    loader = inspect.getsource(
+        base_optimizer.ZeROOptimizer.load_hp_checkpoint_state_from_checkpoint_dir
+    )
+    assert "zip(self.optimizer.param_groups, optim_sd['param_groups'])" in loader
+    assert isinstance(base_optimizer.ZeROOptimizer._backward_active_depth, property)

@@ -58,6 +58,25 @@ def test_deepspeed_json_is_derived():
     assert ds["gradient_clipping"] == cfg.optimizer.grad_clip
 
 
+def test_deepspeed_json_at_pipeline_parallel_leaves_the_micro_batches_to_the_schedule():
+    cfg = load_config(
+        ROOT / "configs/demo.yaml",
+        [
+            "parallel.pipeline=2",
+            "parallel.tensor=1",
+            "training.global_batch_size=16",
+            "training.micro_batch_size=2",
+        ],  # fmt: skip
+    )
+    ds = deepspeed_config(cfg, world_size=4)  # DP 2
+    assert ds["gradient_accumulation_steps"] == 1 and ds["train_batch_size"] == 2 * 2
+    assert ds["managed_gradient_accumulation"] is False
+    assert cfg.grad_accumulation(4) == 4  # micro-batches per step, run by megatron's schedule
+    assert "managed_gradient_accumulation" not in deepspeed_config(
+        load_config(ROOT / "configs/demo.yaml"), world_size=2
+    )
+
+
 def test_lr_schedule_warmup_then_cosine_to_min():
     cfg = load_config(ROOT / "configs/demo.yaml").optimizer
     lrs = [lr_at(s, cfg, 300) for s in range(300)]
@@ -87,6 +106,23 @@ def test_lr_schedule_warmup_then_cosine_to_min():
             r"12 is not a multiple of micro_batch_size 8",
         ),
         (["optimizer.lr=-1"], r"'optimizer\.lr': must be > 0, got -1"),
+        (
+            ["parallel.pipeline=2", "parallel.zero_stage=3"],
+            r"'parallel\.zero_stage': ZeRO-3 with pipeline parallelism is refused",
+        ),
+        (
+            ["model.num_layers=3", "parallel.pipeline=2"],
+            r"'model\.num_layers': 3 layers are not divisible by pipeline-parallel size 2",
+        ),
+        (
+            ["model.num_layers=4", "parallel.pipeline=4", "parallel.zero_stage=2"],
+            r"ZeRO-2 with tied embeddings needs pipeline size <= 2, got 4",
+        ),
+        (
+            ["parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true"],
+            r"'parallel\.sequence_parallel': sequence parallelism with pipeline",
+        ),
+        (["parallel.pipeline=0"], r"'parallel\.pipeline': must be >= 1, got 0"),
     ],
 )
 def test_bad_values_name_the_key(overrides, match):
@@ -128,6 +164,19 @@ def _run_rank0_of_two(args: list[str], tmp_path) -> subprocess.CompletedProcess:
         (["data.manifest=/nonexistent/manifest.json"], r"/nonexistent/manifest\.json"),
         (["parallel.zero_stage=0", "parallel.precision=bf16"], r"zero_stage 0"),
         (["bogus.key=1"], r"unknown config key 'bogus'"),
+        (
+            [
+                "parallel.pipeline=2",
+                "parallel.tensor=1",
+                "training.global_batch_size=2",
+                "training.micro_batch_size=2",
+            ],  # fmt: skip
+            r"1 micro-batches per step .* are fewer than the 2 pipeline stages",
+        ),
+        (
+            ["parallel.pipeline=4", "parallel.tensor=1", "model.num_layers=4"],
+            r"world size 2 is not divisible by tensor-parallel size 1 × pipeline-parallel size 4",
+        ),
     ],
 )
 def test_entry_point_rejects_bad_config_before_process_groups(overrides, match, tmp_path):
