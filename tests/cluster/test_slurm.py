@@ -162,6 +162,31 @@ def test_two_nodes_two_tasks_each_tensor_and_data_parallel(tp_and_dp):
     print(f"2 nodes x 2 tasks, {STEPS} steps: {seconds:.0f}s")
 
 
+def test_two_nodes_pipeline_parallel_one_stage_per_node(cluster, wikitext_manifest, base):
+    """PP=2 with stage 0 on the first node and stage 1 on the second (megatron's 1F1B over gloo
+    p2p between the nodes) trains exactly the curve the same layout trains on one host."""
+    from launch import run as run_here
+
+    extra = ("parallel.tensor=1", "parallel.pipeline=2")
+    run = Run(base, wikitext_manifest, "pp2", 1, *extra)
+    jid, info, seconds = _run_to_completion(run)
+    assert info["JobState"] == "COMPLETED" and info["NumNodes"] == "2", info
+    for rank in range(2):
+        assert f"{rank}: [rank {rank}/2 node sbx-node{rank + 1} local 0]" in run.rank_log(jid, rank)
+    assert "TP 1 × DP 1 × PP 2" in run.rank_log(jid, 0)
+    here = base / "pp2-one-host"
+    args = ["--config", run.args[0], f"run_dir={here}", *run.args[2:]]
+    run_here(["-m", "pretrain.train", *args], 2, timeout=600)
+    curve = losses(run.run_dir)
+    assert sorted(curve) == list(range(1, STEPS + 1)) and curve == losses(here)  # bit for bit
+    tag = run.run_dir / "checkpoints" / f"step_{STEPS:08d}"
+    assert {p.name for p in tag.glob("mp_rank_*")} == {
+        "mp_rank_00_model_states.pt",  # stage 0
+        "mp_rank_01_model_states.pt",  # stage 1
+    }
+    print(f"2 nodes x 1 task, PP 2, {STEPS} steps: {seconds:.0f}s")
+
+
 def test_preemption_signal_checkpoint_requeue_resumes_the_same_curve(
     cluster, wikitext_manifest, base, tp_and_dp
 ):
