@@ -4,7 +4,8 @@
   after the shards are written and before the completion marker (a window to SIGKILL a save).
 - ``TWICING_FAULT_HOLD_BEFORE_STEP=STEP:S``: before optimizer step STEP runs, wait up to S
   seconds for a stop signal (a fixed point to signal or kill a run at, however fast it trains).
-- ``TWICING_FAULT_NAN_AT_STEP=N``: make rank 0's loss NaN at optimizer step N.
+- ``TWICING_FAULT_NAN_AT_STEP=N``: make rank 0's loss NaN at optimizer step N (at pipeline
+  parallel: that of the first rank of the last stage, where the loss is computed).
 - ``TWICING_FAULT_SAVE_ERROR=N[:RANK]``: the first N checkpoint-file writes of this process (of
   rank RANK only, when given) fail with an I/O error (a transient storage fault).
 """

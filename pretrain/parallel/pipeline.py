@@ -79,11 +79,19 @@ class PipelineStep:
             adjust_tensor_shapes_fn=self.transport.adjust_shapes if self.transport else None,
         )
 
-    def forward_backward(self, batches: Iterable) -> torch.Tensor | None:
+    def forward_backward(self, batches: Iterable, poison: bool = False) -> torch.Tensor | None:
         """Forward and backward of every micro-batch; the last stage returns their mean losses
         (one per micro-batch), the others None. Gradients are left in the parameters (or in
-        DeepSpeed's buffers)."""
-        out = self._run(list(batches), _masked_mean, forward_only=False)
+        DeepSpeed's buffers). ``poison`` makes this rank's losses NaN (fault injection)."""
+
+        def loss_fn(loss_mask, per_token):
+            loss, report = _masked_mean(loss_mask, per_token)
+            if poison:
+                loss = loss * float("nan")
+                report = {"loss": loss.detach().clone()}
+            return loss, report
+
+        out = self._run(list(batches), loss_fn, forward_only=False)
         if not self.last:
             return None
         return torch.stack([d["loss"] for d in out])

@@ -280,7 +280,13 @@ class Trainer:
         DP averaging and clipping, and the optimizer; the loss is the last stage's."""
         cfg, engine, pipe = self.cfg, self.engine, self.pipe
         assert pipe is not None
-        losses = pipe.forward_backward(b.to(self.device) for b in batches)
+        first_loss_rank = (
+            parallel_state.is_pipeline_last_stage()
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and self.dp_rank == 0
+        )
+        poison = faults.nan_at_step(self.step, 0 if first_loss_rank else -1)
+        losses = pipe.forward_backward((b.to(self.device) for b in batches), poison)
         bad = losses is not None and not bool(torch.isfinite(losses).all())
         nonfinite = distributed.any_rank(bad)
         if nonfinite and cfg.training.nonfinite == "halt":

@@ -241,6 +241,29 @@ def test_sigterm_at_pp2_checkpoints_exits_75_and_resumes_the_same_curve(
     assert losses(run_dir) == losses(whole)
 
 
+@pytest.mark.parametrize("zero", [0, 1])
+def test_a_nonfinite_loss_on_the_last_stage_is_skipped_or_halts_every_stage(
+    wikitext_manifest, tmp_path, zero
+):
+    args = [*BASE, "training.train_steps=5", "checkpoint.interval=2", "parallel.pipeline=2",
+            f"parallel.zero_stage={zero}"]  # fmt: skip
+    nan = {"TWICING_FAULT_NAN_AT_STEP": "2"}  # the 3rd step, on rank 1 (the last stage)
+    skip = tmp_path / "skip"
+    train(skip, wikitext_manifest, 2, *args, "training.nonfinite=skip", env=nan)
+    rows = {m["step"]: m for m in metrics(skip) if "loss" in m}
+    assert rows[3]["skipped"] and not any(rows[s]["skipped"] for s in (1, 2, 4, 5))
+    assert all(torch.isfinite(torch.tensor(rows[s]["loss"])) for s in (4, 5))
+    state = json.loads((skip / "checkpoints/step_00000005/trainer_state.json").read_text())
+    assert state["skipped_steps"] == 1
+
+    halt = tmp_path / "halt"
+    results = train(halt, wikitext_manifest, 2, *args, "training.nonfinite=halt", env=nan,
+                    check=False)  # fmt: skip
+    assert [rc for rc, _ in results] == [3, 3], results[1][1][-2000:]
+    assert "non-finite" in results[0][1]
+    assert (halt / "checkpoints/latest").read_text() == "step_00000002"
+
+
 @pytest.fixture(scope="module")
 def pp2_tp2_source(tmp_path_factory, wikitext_manifest):
     """A PP2×TP2 ZeRO-1 run with a checkpoint at step 5, and its twin without pipeline (TP2:
@@ -328,6 +351,17 @@ def test_evaluate_and_export_read_a_pp2_checkpoint_as_its_consolidated_weights(
         )  # fmt: skip
         ppl.append(json.loads(report.read_text())["token_ppl"])
     assert ppl[0] == ppl[1]
+
+    samples = []
+    for target in (source, out):
+        jsonl = tmp_path / f"{target.name}.jsonl"
+        run(["-m", "pretrain.generate", "--checkpoint", str(target), "--prompt", "The game was",
+             "--max-new-tokens", "12", "--temperature", "0", "--out", str(jsonl)], 1,
+            timeout=300)  # fmt: skip
+        samples.append([json.loads(line) for line in jsonl.read_text().splitlines()])
+    (a,), (b,) = samples
+    assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) == 12
+    assert a["completion"] == b["completion"]
 
     exports = []
     for target in (source, out):
