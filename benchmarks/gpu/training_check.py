@@ -91,6 +91,7 @@ def make_plan(dry_run: bool, work: Path, log: Path, deadline: float) -> Plan:
                     "model.num_query_groups=2",
                     "parallel.sequence_parallel=false",
                     "parallel.tensor=1",
+                    "parallel.pipeline=1",
                 ),
                 2 * 64,
             ),
@@ -109,6 +110,7 @@ def make_plan(dry_run: bool, work: Path, log: Path, deadline: float) -> Plan:
                 "gpt_1p3b",
                 (
                     "parallel.tensor=1",
+                    "parallel.pipeline=1",
                     "parallel.sequence_parallel=false",
                     "training.micro_batch_size=8",
                     "training.global_batch_size=8",
