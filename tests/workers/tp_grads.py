@@ -1,5 +1,6 @@
-"""Worker: for each model config, build a tiny GPT at the launched TP size, run one
-forward/backward on fixed tokens, gather loss, weights and full (TP=1 layout) gradients to rank 0.
+"""Worker: for each model config, build a tiny GPT at the launched TP size (float64 weights, so
+the comparison sees TP's math, not fp32 rounding), run one forward/backward on fixed tokens,
+gather loss, weights and full (TP=1 layout) gradients to rank 0.
 
 Usage: python tests/workers/tp_grads.py OUT.pt '<JSON list of ModelConfig dicts>'
 """
@@ -17,7 +18,7 @@ from model.tp_layout import merge, split_of
 
 def one(cfg: ModelConfig, tp: int) -> dict:
     torch.manual_seed(1234)
-    model = build_gpt(cfg)
+    model = build_gpt(cfg, params_dtype=torch.float64)
     g = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, cfg.vocab_size, (3, cfg.seq_length + 1), generator=g)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
