@@ -18,17 +18,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from pretrain.parallel import deepspeed_compat
 
 
-def tied_copy(module: torch.nn.Module) -> torch.nn.Parameter | None:
-    """The last stage's copy of a tied embedding (None unless this rank holds one at P > 1)."""
-    if ps.get_pipeline_model_parallel_world_size() == 1:
-        return None
-    if not getattr(module, "share_embeddings_and_output_weights", False):
-        return None
-    if module.post_process and not module.pre_process:
-        return module.shared_embedding_or_output_weight()
-    return None
-
-
 def tied_weight(module: torch.nn.Module) -> torch.nn.Parameter | None:
     """This rank's copy of the tied embedding when the other copy is on another stage."""
     if ps.get_pipeline_model_parallel_world_size() == 1:
@@ -38,6 +27,11 @@ def tied_weight(module: torch.nn.Module) -> torch.nn.Parameter | None:
     if module.pre_process or module.post_process:
         return module.shared_embedding_or_output_weight()
     return None
+
+
+def tied_copy(module: torch.nn.Module) -> torch.nn.Parameter | None:
+    """The last stage's copy of a tied embedding (None unless this rank holds one at P > 1)."""
+    return None if module.pre_process else tied_weight(module)
 
 
 def _masked_mean(loss_mask: torch.Tensor, per_token: torch.Tensor):

@@ -181,8 +181,11 @@ class Trainer:
             f"[train] {self.world} ranks (TP {cfg.parallel.tensor} × DP {self.dp}"
             + (f" × PP {pp}" if pp > 1 else "")
             + f"), ZeRO-{cfg.parallel.zero_stage}, {cfg.parallel.precision}, "
-            + (f"{self.accumulation} micro-batches per step" if pp > 1 else "grad accumulation ")
-            + ("" if pp > 1 else f"{self.accumulation}")
+            + (
+                f"{self.accumulation} micro-batches per step"
+                if pp > 1
+                else f"grad accumulation {self.accumulation}"
+            )
             + f", {self.num_params:,} parameters"
         )
         if pp > 1 and self.accumulation < 4 * pp:
@@ -246,7 +249,6 @@ class Trainer:
         if self.pipe is not None:
             return self._account(*self._pipeline_step(batches))
         losses = []
-        grad_norm = None
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
             loss = lm_loss(engine, batch.tokens, batch.position_ids, batch.labels, batch.loss_mask)
@@ -258,19 +260,9 @@ class Trainer:
                 nonfinite = distributed.any_rank(not all(torch.isfinite(x) for x in losses))
                 if nonfinite and cfg.training.nonfinite == "halt":
                     raise NonFiniteError(f"non-finite loss at step {self.step + 1}")
-                if cfg.parallel.zero_stage == 0:
-                    grad_norm, nonfinite = zero0_prepare_step(
-                        engine,
-                        parallel_state.get_tensor_model_parallel_group(),
-                        cfg.optimizer.grad_clip,
-                        nonfinite,
-                    )
-            skipped_before = engine.skipped_steps
-            engine.step()
-        if cfg.parallel.zero_stage > 0:
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else None
-        skipped = nonfinite or engine.skipped_steps > skipped_before
+                grad_norm, skipped = self._optimizer_step(nonfinite)
+            else:
+                engine.step()  # DeepSpeed accumulates until the last micro-batch
         mean = torch.stack(losses).mean()
         dist.all_reduce(mean, group=parallel_state.get_data_parallel_group())
         return self._account(mean.item() / self.dp, grad_norm, skipped)
@@ -292,26 +284,32 @@ class Trainer:
         if nonfinite and cfg.training.nonfinite == "halt":
             raise NonFiniteError(f"non-finite loss at step {self.step + 1}")
         pipe.sum_tied_gradients(cfg.parallel.zero_stage)
+        if cfg.parallel.zero_stage == 0 and self.dp > 1:
+            deepspeed_compat.allreduce_gradients_now(engine)
+        grad_norm, skipped = self._optimizer_step(nonfinite)
+        mean = losses.mean() if losses is not None else torch.zeros((), device=self.device)
+        loss = sum_from_last_stage(mean).item() / self.dp
+        return loss, grad_norm, skipped
+
+    def _optimizer_step(self, nonfinite: bool) -> tuple[float | None, bool]:
+        """The step's optimizer update: (ZeRO-0) our norm, clipping and skip, then DeepSpeed's
+        step; returns ``(grad_norm, skipped)``."""
+        engine, zero = self.engine, self.cfg.parallel.zero_stage
         grad_norm = None
-        if cfg.parallel.zero_stage == 0:
-            if self.dp > 1:
-                deepspeed_compat.allreduce_gradients_now(engine)
+        if zero == 0:
             grad_norm, nonfinite = zero0_prepare_step(
                 engine,
                 parallel_state.get_tensor_model_parallel_group(),
-                cfg.optimizer.grad_clip,
+                self.cfg.optimizer.grad_clip,
                 nonfinite,
                 parallel_state.get_pipeline_model_parallel_group(),
             )
         skipped_before = engine.skipped_steps
         engine.step()
-        if cfg.parallel.zero_stage > 0:
+        if zero > 0:
             norm = engine.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else None
-        skipped = nonfinite or engine.skipped_steps > skipped_before
-        mean = losses.mean() if losses is not None else torch.zeros((), device=self.device)
-        loss = sum_from_last_stage(mean).item() / self.dp
-        return loss, grad_norm, skipped
+        return grad_norm, nonfinite or engine.skipped_steps > skipped_before
 
     def _account(self, loss: float, grad_norm: float | None, skipped: bool) -> StepResult:
         """Count skipped steps; halt on too many in a row."""

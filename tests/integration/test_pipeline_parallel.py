@@ -57,14 +57,14 @@ CASES = {
 SAME_TP_DP = {"PP2": "PP1", "PP4": "PP1", "PP2xTP2": "TP2", "PP2xDP2": "DP2"}
 
 
-def _key_bias_slices(name: str, cfg: dict) -> list[slice]:
+def _key_bias_slices(name: str, groups: int = 4) -> list[slice]:
     """The key part of a fused QKV bias. Its exact gradient is 0 (softmax ignores a shift of
     all logits), so AdamW turns float noise into ±lr steps there at ANY change of reduction
     order (PP1 vs PP1 at another ZeRO stage included): not comparable between layouts."""
     if not name.endswith("linear_qkv.bias"):
         return []
-    heads, groups = 4, cfg.get("groups", 4)
-    d = 64 // heads
+    heads = 4
+    d = 64 // heads  # TINY's 4 heads of hidden 64
     per = (heads // groups + 2) * d
     q = heads // groups * d
     return [slice(g * per + q, g * per + q + d) for g in range(groups)]
@@ -76,26 +76,22 @@ def _weights(run_dir):
     return full_state_dict(open_checkpoint(run_dir))
 
 
-def _train(tmp_path_factory, variant: str, zero: int, layout: str):
+def _train(tmp_path_factory, manifest, variant: str, zero: int, layout: str):
     ranks, overrides = LAYOUTS[layout]
     run_dir = tmp_path_factory.mktemp(f"{variant}-z{zero}-{layout}")
-    train(run_dir, _manifest[0], ranks, *BASE, *VARIANTS[variant], f"parallel.zero_stage={zero}",
+    train(run_dir, manifest, ranks, *BASE, *VARIANTS[variant], f"parallel.zero_stage={zero}",
           *overrides)  # fmt: skip
     return run_dir
-
-
-_manifest: list = []
 
 
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory, wikitext_manifest):
     """Every case's runs: {(variant, zero): {layout: run_dir}} (references included)."""
-    _manifest[:] = [wikitext_manifest]
     out = {}
     for (variant, zero), layouts in CASES.items():
         refs = {"PP1"} | {SAME_TP_DP[name] for name in layouts}
         out[variant, zero] = {
-            name: _train(tmp_path_factory, variant, zero, name)
+            name: _train(tmp_path_factory, wikitext_manifest, variant, zero, name)
             for name in [*sorted(refs), *layouts]
         }
     return out
@@ -118,7 +114,7 @@ def test_every_layout_trains_the_pp1_curve_and_reaches_its_weights(curves, case)
         assert ours.keys() == theirs.keys(), layout
         for name, w in theirs.items():
             a, b = ours[name].clone(), w.clone()
-            for s in _key_bias_slices(name, {"groups": groups}):
+            for s in _key_bias_slices(name, groups):
                 a[s] = b[s] = 0
             err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
             assert err <= 1e-5, f"{layout} {name}: final weights differ by {err:.2e} relative"
@@ -160,29 +156,22 @@ def _merged_init(tmp_path, tp: int, pp: int) -> list[dict]:
     ranks = [torch.load(f, weights_only=False) for f in sorted(out.glob("rank*.pt"))]
     merged = []
     for i, cfg in enumerate(cfgs):
-        by_tp: dict[int, dict] = {}
-        layers = []
+        by_tp: dict[int, dict] = {}  # TP rank -> its weights, every stage's merged
+        layout, layers = {}, []
         for r in ranks:
             res = r["results"][i]
             by_tp.setdefault(r["tp_rank"], {}).update(res["weights"])
+            layout.update(res["layout"])
             if r["tp_rank"] == 0:
                 layers += res["layers"]
-            for k, v in res["layout"].items():
-                by_tp.setdefault("layout", {})[k] = v
-        layout = by_tp.pop("layout")
         if pp > 1 and cfg.get("tied_embeddings", True):
             for shards in by_tp.values():  # the last stage's copy equals the weight exactly
                 assert torch.equal(
                     shards.pop("output_layer.weight"), shards["embedding.word_embeddings.weight"]
                 )
         names = by_tp[0].keys()
-        merged.append(
-            {
-                "weights": {k: merge([by_tp[t][k] for t in range(tp)], layout[k]) for k in names},
-                "layers": sorted(layers),
-                "layout": layout,
-            }
-        )
+        weights = {k: merge([by_tp[t][k] for t in range(tp)], layout[k]) for k in names}
+        merged.append({"weights": weights, "layers": sorted(layers)})
     return merged
 
 
@@ -300,8 +289,22 @@ def test_a_pp2_tp2_checkpoint_resumes_resharded_at_another_layout(
     assert abs(b[6] - a[6]) / a[6] <= 1e-6, (b[6], a[6])
 
 
+@pytest.fixture(scope="module")
+def consolidated(pp2_tp2_source):
+    """``pretrain.consolidate`` of the PP2×TP2 run's final checkpoint."""
+    base, source, _, _ = pp2_tp2_source
+    out = base / "consolidated" / "pp2tp2.pt"
+    out.parent.mkdir()
+    subprocess.run(
+        [sys.executable, "-m", "pretrain.consolidate", "--checkpoint", str(source), "--out",
+         str(out)],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return out
+
+
 def test_validation_at_pp2_equals_pp1_and_consolidated_stages_are_the_pp1_model(
-    pp2_tp2_source, tmp_path
+    pp2_tp2_source, consolidated
 ):
     base, source, twin, _ = pp2_tp2_source
     valid = {r["step"]: r["valid_loss"] for r in metrics(source) if "valid_loss" in r}
@@ -310,15 +313,9 @@ def test_validation_at_pp2_equals_pp1_and_consolidated_stages_are_the_pp1_model(
     for s in valid:
         assert abs(valid[s] - valid_pp1[s]) / valid_pp1[s] <= 1e-6, (s, valid[s], valid_pp1[s])
 
-    out = tmp_path / "pp2tp2.pt"
-    subprocess.run(
-        [sys.executable, "-m", "pretrain.consolidate", "--checkpoint", str(source), "--out",
-         str(out)],
-        cwd=ROOT, check=True, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
     from pretrain.checkpoint.reader import open_checkpoint
 
-    merged = open_checkpoint(out).weights
+    merged = open_checkpoint(consolidated).weights
     assert merged is not None and "output_layer.weight" not in merged  # the tied copy is dropped
     direct = _weights(source)
     assert merged.keys() == direct.keys() and all(torch.equal(merged[k], direct[k]) for k in merged)
@@ -326,21 +323,16 @@ def test_validation_at_pp2_equals_pp1_and_consolidated_stages_are_the_pp1_model(
     assert merged.keys() == pp1.keys()
     for name, w in pp1.items():
         a, b = merged[name].clone(), w.clone()
-        for s in _key_bias_slices(name, {}):
+        for s in _key_bias_slices(name):
             a[s] = b[s] = 0
         assert ((a - b).norm() / b.norm().clamp_min(1e-30)).item() <= 1e-5, name
 
 
 def test_evaluate_and_export_read_a_pp2_checkpoint_as_its_consolidated_weights(
-    pp2_tp2_source, tmp_path
+    pp2_tp2_source, consolidated, tmp_path
 ):
     base, source, _, _ = pp2_tp2_source
-    out = tmp_path / "w.pt"
-    subprocess.run(
-        [sys.executable, "-m", "pretrain.consolidate", "--checkpoint", str(source), "--out",
-         str(out)],
-        cwd=ROOT, check=True, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    out = consolidated
     ppl = []
     for target in (source, out):
         report = tmp_path / f"{target.name}.json"
