@@ -6,10 +6,19 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import forkserver
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _scratch_log() -> Path:
+    fd, name = tempfile.mkstemp(prefix="rank-", suffix=".log")
+    os.close(fd)
+    return Path(name)
 
 
 def free_port() -> int:
@@ -25,8 +34,11 @@ def launch(
     env: dict[str, str] | None = None,
     cwd: Path | str = ROOT,
     log_dir: Path | None = None,
+    fresh: bool = False,
 ) -> list[subprocess.Popen]:
-    """Start ``nprocs`` copies of ``python argv...`` as ranks 0..n-1 on one host."""
+    """Start ``nprocs`` copies of ``python argv...`` as ranks 0..n-1 on one host: forked from
+    the pre-warmed test server (``forkserver``), or, with ``fresh``, as new interpreters (for
+    what happens while a rank is still importing)."""
     port = str(free_port())
     procs = []
     for rank in range(nprocs):
@@ -43,6 +55,10 @@ def launch(
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }
+        if forkserver.enabled() and not fresh:
+            log = log_dir / f"rank{rank}.log" if log_dir else _scratch_log()
+            procs.append(forkserver.Rank(argv, penv, cwd, log, keep_log=log_dir is not None))
+            continue
         out = open(log_dir / f"rank{rank}.log", "w") if log_dir else subprocess.PIPE  # noqa: SIM115
         procs.append(
             subprocess.Popen(

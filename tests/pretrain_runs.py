@@ -51,12 +51,15 @@ def train(
 
 
 def start(
-    run_dir: Path, manifest: Path, nprocs: int, *overrides: str, env=None
+    run_dir: Path, manifest: Path, nprocs: int, *overrides: str, env=None, fresh=False
 ) -> list[subprocess.Popen]:
-    """Start ranks in the background (for tests that signal or kill them)."""
+    """Start ranks in the background (for tests that signal or kill them); ``fresh``: as new
+    interpreters (see ``launch.launch``)."""
     log_dir = run_dir.parent / f"{run_dir.name}-logs-{time.monotonic_ns()}"
     log_dir.mkdir(parents=True)
-    procs = launch(argv(run_dir, manifest, list(overrides)), nprocs, env=env, log_dir=log_dir)
+    procs = launch(
+        argv(run_dir, manifest, list(overrides)), nprocs, env=env, log_dir=log_dir, fresh=fresh
+    )
     for p in procs:
         p.log_dir = log_dir  # type: ignore[attr-defined]
     return procs

@@ -179,7 +179,9 @@ def test_nonfinite_loss_is_skipped_or_halts(wikitext_manifest, tmp_path, stage):
 
 def test_a_stop_signal_during_start_up_exits_75_without_training(wikitext_manifest, tmp_path):
     run = tmp_path / "run"
-    procs = start(run, wikitext_manifest, 2, "training.train_steps=50", "parallel.zero_stage=1")
+    procs = start(
+        run, wikitext_manifest, 2, "training.train_steps=50", "parallel.zero_stage=1", fresh=True
+    )
     time.sleep(1.0)  # inside the imports / process-group set-up, before any step
     signal_all(procs, signal.SIGUSR1)
     codes = finish(procs)
