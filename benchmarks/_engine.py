@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from pretrain.config import TrainConfig, load_config
+from pretrain.train_config import TrainConfig, load_config
 
 _ready = False
 
@@ -17,7 +17,7 @@ def init_once(tensor_parallel: int = 1) -> None:
     if _ready:
         return
     if "RANK" not in os.environ:
-        from pretrain.local_launch import free_port
+        from pretrain.parallel.launch_env import free_port
 
         os.environ.update(
             MASTER_ADDR="127.0.0.1",

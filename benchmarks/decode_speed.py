@@ -33,7 +33,7 @@ def init_one_rank() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from pretrain.local_launch import free_port
+    from pretrain.parallel.launch_env import free_port
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1"

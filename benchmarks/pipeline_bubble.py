@@ -31,11 +31,11 @@ def _worker(args: argparse.Namespace) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from pretrain.config import load_config
     from pretrain.parallel import distributed
     from pretrain.parallel.engine import build_engine, lm_loss
     from pretrain.parallel.launch_env import launch_env
-    from pretrain.parallel.pipeline import PipelineStep
+    from pretrain.parallel.pipeline_schedule import PipelineStep
+    from pretrain.train_config import load_config
     from pretrain.training.data import Batch
 
     world = int(os.environ["WORLD_SIZE"])
@@ -85,7 +85,7 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _launch(ranks: int, args: argparse.Namespace, m: int) -> float:
-    from pretrain.local_launch import free_port
+    from pretrain.parallel.launch_env import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"

@@ -126,8 +126,8 @@ def main() -> int:
     args = p.parse_args()
     t0 = time.monotonic()
 
-    from data_prep.pipeline import prepare_wikitext
-    from pretrain.config import load_config
+    from data_prep.prepare_wikitext import prepare_wikitext
+    from pretrain.train_config import load_config
 
     cfg = load_config(args.config)
     manifest = prepare_wikitext(

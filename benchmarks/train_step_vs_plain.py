@@ -40,10 +40,10 @@ def main() -> int:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT="29577", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
     )
-    from pretrain.config import TrainConfig, load_config
     from pretrain.parallel.distributed import init
     from pretrain.parallel.engine import build_engine, lm_loss
     from pretrain.parallel.launch_env import launch_env
+    from pretrain.train_config import TrainConfig, load_config
 
     overrides = [
         "run_dir=/tmp/unused",

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.atomic import read_json, remove_stale_tmp, write_json
+from data_prep.base.atomic_write import read_json, remove_stale_tmp, write_json
+from data_prep.base.errors import DataPrepError
 from data_prep.encoder import DocumentEncoder, encoder_blocker
-from data_prep.errors import DataPrepError
 from data_prep.indexed import merge_datasets, optimal_dtype, read_index, write_dataset
+from data_prep.sentencepiece_tokenizer import SentencePieceTokenizer
 from data_prep.sources import Corpus
-from data_prep.tokenizer import SentencePieceTokenizer
 
 FORMAT = "mmidx-v1/one-sequence-per-document"
 SHARD_CHARS = 2_000_000

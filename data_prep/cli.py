@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from data_prep.errors import DataPrepError
+from data_prep.base.errors import DataPrepError
 
 
 def _corpus_args(p: argparse.ArgumentParser) -> None:
@@ -55,7 +55,7 @@ def cmd_wikitext(args) -> None:
         out = export_hub_layout(rows, args.export_hub_layout, args.name)
         print(f"wrote {sorted(rows)} of {args.name} from {src.describe()} to {out}")
         return
-    from data_prep.pipeline import prepare_wikitext
+    from data_prep.prepare_wikitext import prepare_wikitext
 
     if not args.out_dir:
         raise DataPrepError("--out-dir is required")
@@ -285,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_outputs(args: argparse.Namespace) -> None:
     """Refuse output paths inside a run/checkpoint dir, under a regular file or of the wrong
-    kind, before any command writes anything (``data_prep.guard``)."""
-    from data_prep.guard import check_output
+    kind, before any command writes anything (``data_prep.base.output_guard``)."""
+    from data_prep.base.output_guard import check_output
 
     for option, kind in (("out_dir", "dir"), ("export_hub_layout", "dir"), ("out", "file")):
         value = getattr(args, option, None)

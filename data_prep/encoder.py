@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from data_prep.errors import DataPrepError
+from data_prep.base.errors import DataPrepError
 
 WS = "\u2581"  # SentencePiece's whitespace mark
 _JOIN_CHARS = 512  # characters of unseen segments per string (BPE is superlinear in length)

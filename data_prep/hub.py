@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from data_prep.errors import DataPrepError
+from data_prep.base.errors import DataPrepError
 
 PROBE_TIMEOUT_S = 3.0
 _HINT = (

@@ -24,12 +24,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.atomic import read_json, write_json
-from data_prep.errors import DataPrepError, EmptySplitError
+from data_prep.base.atomic_write import read_json, write_json
+from data_prep.base.errors import DataPrepError, EmptySplitError
 from data_prep.indexed import Index, expected_bin_size
 from data_prep.indexed import read_index as _read_index
+from data_prep.sentencepiece_tokenizer import SentencePieceTokenizer
 from data_prep.splits import SPLIT_NAMES, parse_split, split_ranges
-from data_prep.tokenizer import SentencePieceTokenizer
 
 
 def read_index(path: str | Path) -> Index:

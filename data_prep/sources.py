@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from data_prep.errors import DataPrepError
+from data_prep.base.errors import DataPrepError
 
 TEXT_UNITS = ("file", "line", "paragraph")
 _COMPRESSED = {".gz": gzip.open, ".xz": lzma.open, ".lzma": lzma.open, ".bz2": bz2.open}

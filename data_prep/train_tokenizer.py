@@ -18,10 +18,10 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from data_prep.atomic import read_json, write_json
-from data_prep.errors import DataPrepError
+from data_prep.base.atomic_write import read_json, write_json
+from data_prep.base.errors import DataPrepError
+from data_prep.sentencepiece_tokenizer import file_sha256, metadata_path
 from data_prep.sources import Corpus
-from data_prep.tokenizer import file_sha256, metadata_path
 
 
 @dataclass

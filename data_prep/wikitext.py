@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.errors import DataPrepError
+from data_prep.base.errors import DataPrepError
 from data_prep.hub import load_dataset_split
 
 HUB_REPO = "Salesforce/wikitext"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from model.config import ModelConfig
+from model.model_config import ModelConfig
 
 __all__ = ["ModelConfig", "build_gpt", "transformer_config"]
 

@@ -8,11 +8,11 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from model import cpu_compat
+from model import megatron_compat
 from model.attention.first_values import FirstLayerValues
-from model.config import ModelConfig
 from model.inference.context import DecodeSlot
-from model.pipeline import (
+from model.model_config import ModelConfig
+from model.pipeline_stages import (
     FirstValuesTransport,
     output_seed,
     stage_layers,
@@ -76,12 +76,12 @@ def build_gpt(
     weights do not depend on the layout: each layer (and the untied output layer) is drawn from
     its own stream of the current seed, the embedding first from the seed itself.
     """
-    cpu_compat.install()
+    megatron_compat.install()
     init_seed = torch.initial_seed()
     config = transformer_config(cfg, sequence_parallel=sequence_parallel, params_dtype=params_dtype)
     layers = stage_layers(config)
     first_values = FirstLayerValues() if cfg.uses_first_values else None
-    with cpu_compat.tensor_cuda_is_identity():  # the tied copy's sync at P > 1 calls .cuda()
+    with megatron_compat.tensor_cuda_is_identity():  # the tied copy's sync at P > 1 calls .cuda()
         model = GPTModel(
             config=config,
             transformer_layer_spec=block_spec(cfg, first_values, init_seed, layers),

@@ -18,9 +18,9 @@ from megatron.core.transformer.transformer_layer import (
 
 from model.attention.first_values import FirstLayerValues
 from model.attention.registry import core_attention_class
-from model.config import ModelConfig
+from model.model_config import ModelConfig
 from model.norm import Norm
-from model.pipeline import layer_seed
+from model.pipeline_stages import layer_seed
 
 
 class SeededTransformerLayer(TransformerLayer):

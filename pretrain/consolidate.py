@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from pretrain.cli import run_cli
+from data_prep.base.run_command import run_cli
 
 DTYPE_NAMES = ("bf16", "fp32")
 
@@ -40,8 +40,8 @@ def consolidate(source, out: str | Path, dtype: str = "fp32") -> Path:
 def check_out(out: str | Path) -> None:
     """Refuse an output inside/above a run or checkpoint dir, a directory, or an existing file
     that is not an earlier consolidated checkpoint (``ConfigError`` naming it)."""
-    from data_prep.guard import check_output
-    from pretrain.errors import CheckpointError, ConfigError
+    from data_prep.base.errors import CheckpointError, ConfigError
+    from data_prep.base.output_guard import check_output
 
     check_output(out, "--out", "file", error=ConfigError)
     if Path(out).is_file():
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
+        from data_prep.base.errors import CheckpointError
         from pretrain.checkpoint.consolidated import is_consolidated, load
         from pretrain.checkpoint.reader import open_checkpoint
-        from pretrain.errors import CheckpointError
 
         t0 = time.monotonic()
         check_out(args.out)

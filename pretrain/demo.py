@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from pretrain.config import load_config
-from pretrain.errors import ExitCode
+from data_prep.base.errors import ExitCode
 from pretrain.local_launch import launch
+from pretrain.train_config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     cfg = load_config(args.config, args.overrides)
-    from data_prep.pipeline import prepare_wikitext
+    from data_prep.prepare_wikitext import prepare_wikitext
 
     t0 = time.monotonic()
     manifest = Path(cfg.data.manifest)

@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pretrain.cli import run_cli
+from data_prep.base.run_command import run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

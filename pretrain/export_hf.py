@@ -45,7 +45,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pretrain.cli import run_cli
+from data_prep.base.run_command import run_cli
 
 DTYPE_NAMES = ("bf16", "fp32")
 
@@ -74,12 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
-        from pretrain.errors import ConfigError
+        from data_prep.base.errors import ConfigError
         from pretrain.export.output import check_export_dir
 
         check_export_dir(args.out)  # before anything loads or is written
         from pretrain.checkpoint.reader import open_checkpoint
-        from pretrain.export.hf import export
+        from pretrain.export.hf_export import export
 
         try:
             ck = open_checkpoint(args.checkpoint, args.tag)

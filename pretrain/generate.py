@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from pretrain.cli import run_cli
-from pretrain.errors import ConfigError
+from data_prep.base.errors import ConfigError
+from data_prep.base.run_command import run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -130,10 +130,11 @@ def run(args: argparse.Namespace) -> tuple[int, list[dict], dict]:
     ids = encode_prompts(prompts, ck.tokenizer, context)
 
     from model.inference.generation import generate
-    from pretrain.evaluation.scorer import build_model, init_parallel
+    from pretrain.checkpoint.load_model import load_model
+    from pretrain.parallel.distributed import init_for_inference
 
-    rank, tp = init_parallel()
-    model = build_model(ck, rank, tp)
+    rank, tp = init_for_inference()
+    model = load_model(ck, rank, tp)
     records, t0 = [], time.perf_counter()
     for start in range(0, len(ids), args.batch_size):
         batch = ids[start : start + args.batch_size]
@@ -188,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             if args.out is not None:
-                from data_prep import atomic
+                from data_prep.base import atomic_write
 
-                atomic.write_text(args.out, "".join(json.dumps(r) + "\n" for r in records))
+                atomic_write.write_text(args.out, "".join(json.dumps(r) + "\n" for r in records))
                 print(f"wrote {args.out}", flush=True)
         from pretrain.parallel.distributed import shutdown
 

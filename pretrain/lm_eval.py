@@ -27,8 +27,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pretrain.cli import run_cli
-from pretrain.errors import ConfigError
+from data_prep.base.errors import ConfigError
+from data_prep.base.run_command import run_cli
 
 #: the offline task YAMLs shipped with the project
 TASKS_DIR = Path(__file__).resolve().parents[1] / "configs" / "lm_eval"
@@ -187,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(make_table(results), flush=True)
             if args.out is not None:
-                from data_prep import atomic
+                from data_prep.base import atomic_write
 
                 text = json.dumps(results, indent=2, default=handle_non_serializable)
-                atomic.write_text(args.out, text)
+                atomic_write.write_text(args.out, text)
                 print(f"wrote {args.out}", flush=True)
         from pretrain.parallel.distributed import shutdown
 

@@ -11,18 +11,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-from pretrain.errors import ExitCode
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from data_prep.base.errors import ExitCode
+from pretrain.parallel.launch_env import free_port
 
 
 def launch(nproc: int, command: list[str], grace_s: float = 30.0) -> int:

@@ -1,9 +1,9 @@
 """Entry point: ``python -m pretrain.train --config configs/<preset>.yaml [dotted.key=value ...]``.
 
 Launch with ``torchrun``, ``srun`` (one task per device) or the ``deepspeed`` launcher. Exit codes
-(``pretrain.errors.ExitCode``): 0 finished, 75 stopped early with a complete checkpoint (signal /
-``training.exit_at_step``: resume by running the same command again), 2 bad configuration,
-3 non-finite loss under ``halt``, 4 unusable checkpoint, 1 anything else.
+(``data_prep.base.errors.ExitCode``): 0 finished, 75 stopped early with a complete checkpoint
+(signal / ``training.exit_at_step``: resume by running the same command again), 2 bad
+configuration, 3 non-finite loss under ``halt``, 4 unusable checkpoint, 1 anything else.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from pretrain.cli import run_cli  # noqa: E402
-from pretrain.config import TrainConfig, load_config  # noqa: E402
-from pretrain.errors import ExitCode  # noqa: E402
+from data_prep.base.errors import ExitCode  # noqa: E402
+from data_prep.base.run_command import run_cli  # noqa: E402
+from pretrain.train_config import TrainConfig, load_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pretrain.cli import run_cli
+from data_prep.base.run_command import run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.checkpoint.reshard import convert
 
         if args.workers < 1:
-            from pretrain.errors import ConfigError
+            from data_prep.base.errors import ConfigError
 
             raise ConfigError(f"--workers {args.workers} must be >= 1")
         out = convert(

@@ -81,7 +81,7 @@ submit() {  # submit ROLE SBATCH_ARGS...: prints "ROLE <jobid>", sets $jobid
 # run directory the evaluation needs.
 # shellcheck disable=SC2016  # a Python snippet, not shell
 run_dir=$("$python" -c 'import sys
-from pretrain.config import load_config
+from pretrain.train_config import load_config
 print(load_config(sys.argv[1], sys.argv[2:]).run_dir)' "$config" "$@") \
   || die "$config ${*:-}: not a valid configuration (or TWICING_PYTHON=$python lacks the project)"
 

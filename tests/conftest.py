@@ -51,7 +51,7 @@ def one_rank():
 @pytest.fixture(scope="session")
 def wikitext_manifest(tmp_path_factory) -> Path:
     """WikiText-2 from ../shared tokenized with a 1024-piece BPE (once per test session)."""
-    from data_prep.pipeline import prepare_wikitext
+    from data_prep.prepare_wikitext import prepare_wikitext
 
     source = need_shared("data", "wikitext")
     out = tmp_path_factory.mktemp("wikitext2")

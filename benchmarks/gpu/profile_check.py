@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pretrain.config import load_config
+    from pretrain.train_config import load_config
 
     from _engine import engine_for, init_once, synthetic_batch, train_step
 

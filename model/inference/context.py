@@ -1,7 +1,7 @@
 """The decoding cache: megatron-core's static inference context, plus what our variants add.
 
 megatron-core's ``StaticInferenceContext`` runs on the CPU (its buffers are allocated on
-``torch.cuda.current_device()``, which ``model.cpu_compat`` points at the CPU): passed as
+``torch.cuda.current_device()``, which ``model.megatron_compat`` points at the CPU): passed as
 ``GPTModel.forward(..., inference_context=ctx)`` every ``SelfAttention`` appends the new keys and
 values (pre-RoPE, this rank's query groups, ``[max_seq, max_batch, groups, head_dim]``) at
 ``ctx.sequence_len_offset`` and hands our core attention the whole cache ``[:offset + s_new]``.

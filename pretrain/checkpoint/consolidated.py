@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
+from data_prep.base.errors import CheckpointError
 from pretrain.checkpoint.layout import torch_save
 from pretrain.checkpoint.state import TrainerState
-from pretrain.errors import CheckpointError
 
 FORMAT = "twicing-lm/consolidated"
 FORMAT_VERSION = 1

@@ -33,9 +33,9 @@ from typing import Any
 
 import xxhash
 
-from data_prep.atomic import write_bytes
+from data_prep.base.atomic_write import write_bytes
+from data_prep.base.errors import CheckpointError
 from pretrain.checkpoint.state import TrainerState
-from pretrain.errors import CheckpointError
 
 MARKER = "COMPLETE"
 LATEST = "latest"

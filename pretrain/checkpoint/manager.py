@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data_prep import atomic
+from data_prep.base import atomic_write
+from data_prep.base.errors import CheckpointError
 from pretrain import faults
 from pretrain.checkpoint import reshard
 from pretrain.checkpoint.layout import (
@@ -37,7 +38,6 @@ from pretrain.checkpoint.layout import (
     verify_files,
 )
 from pretrain.checkpoint.state import TrainerState
-from pretrain.errors import CheckpointError
 from pretrain.parallel.deepspeed_compat import (
     collect_save_errors,
     fix_zero3_universal_load,
@@ -243,20 +243,26 @@ class CheckpointManager:
         guarded(rng_file, lambda: torch_save(rng_state, rng_file, fsync=self.fsync))
         if self.rank == 0:
             text = json.dumps(state.to_json(), indent=1, sort_keys=True)
-            guarded(tag_dir / STATE, lambda: atomic.write_text(tag_dir / STATE, text, self.fsync))
+            guarded(
+                tag_dir / STATE, lambda: atomic_write.write_text(tag_dir / STATE, text, self.fsync)
+            )
             for name, source in (files or {}).items():
                 data = Path(source).read_bytes()
                 guarded(
                     tag_dir / name,
-                    lambda n=name, d=data: atomic.write_bytes(tag_dir / n, d, self.fsync),
+                    lambda n=name, d=data: atomic_write.write_bytes(tag_dir / n, d, self.fsync),
                 )
         failure = self._agree(errors, need)
         if failure is None:
             faults.pause_in_save(step)
             self._write_checksums(tag_dir, guarded)
             if self.rank == 0:
-                guarded(tag_dir / MARKER, lambda: atomic.write_text(tag_dir / MARKER, f"{tag}\n"))
-                guarded(self.root / LATEST, lambda: atomic.write_text(self.root / LATEST, tag))
+                guarded(
+                    tag_dir / MARKER, lambda: atomic_write.write_text(tag_dir / MARKER, f"{tag}\n")
+                )
+                guarded(
+                    self.root / LATEST, lambda: atomic_write.write_text(self.root / LATEST, tag)
+                )
             failure = self._agree(errors, need)
         if failure is not None:
             if self.rank == 0:
@@ -293,7 +299,7 @@ class CheckpointManager:
             text = json.dumps(merged, indent=1, sort_keys=True)
             guarded(
                 tag_dir / CHECKSUMS,
-                lambda: atomic.write_text(tag_dir / CHECKSUMS, text, self.fsync),
+                lambda: atomic_write.write_text(tag_dir / CHECKSUMS, text, self.fsync),
             )
 
     def _prune(self) -> None:

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from data_prep.tokenizer import SentencePieceTokenizer, file_sha256
+from data_prep.base.errors import CheckpointError
+from data_prep.base.strict_config import from_dict
+from data_prep.sentencepiece_tokenizer import SentencePieceTokenizer, file_sha256
 from model import ModelConfig
-from model.strict_config import from_dict
 from model.tp_layout import Split, merge, shard
 from pretrain.checkpoint.layout import (
     MARKER,
@@ -32,7 +33,6 @@ from pretrain.checkpoint.layout import (
     verify_files,
 )
 from pretrain.checkpoint.state import TrainerState
-from pretrain.errors import CheckpointError
 from pretrain.parallel.deepspeed_compat import safe_load, safe_loads
 
 

@@ -46,7 +46,8 @@ from typing import Any
 import torch
 import xxhash
 
-from data_prep import atomic
+from data_prep.base import atomic_write
+from data_prep.base.errors import CheckpointError
 from pretrain.checkpoint.layout import (
     CHECKSUMS,
     MARKER,
@@ -56,7 +57,6 @@ from pretrain.checkpoint.layout import (
     verify_files,
 )
 from pretrain.checkpoint.state import TrainerState
-from pretrain.errors import CheckpointError
 from pretrain.parallel.deepspeed_compat import (
     ds_to_universal_args,
     safe_load,
@@ -235,7 +235,7 @@ def convert(
         for name in (STATE, TOKENIZER_FILE):
             if (tag_dir / name).is_file():
                 shutil.copy2(tag_dir / name, result / name)
-        atomic.write_text(
+        atomic_write.write_text(
             result / SOURCE,
             json.dumps(
                 {
@@ -247,7 +247,7 @@ def convert(
                 indent=1,
             ),
         )
-        atomic.write_text(result / MARKER, f"{tag_dir.name}\n")
+        atomic_write.write_text(result / MARKER, f"{tag_dir.name}\n")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(result, out)
     finally:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from data_prep.base.errors import CheckpointError
 from pretrain.checkpoint.state import Topology, TrainerState
-from pretrain.errors import CheckpointError
 
 
 def plan_resume(

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pretrain.errors import CheckpointError
+from data_prep.base.errors import CheckpointError
 
 STATE_VERSION = 2  # 2: topology.pipeline
 

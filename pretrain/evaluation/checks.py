@@ -6,13 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from pretrain.errors import ConfigError
+from data_prep.base.errors import ConfigError
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad numbers, a missing ``--tokenizer`` and unsafe output paths before anything is
     loaded or written (``ConfigError`` naming the option and the value)."""
-    from data_prep.guard import check_output
+    from data_prep.base.output_guard import check_output
 
     for option in ("batch_size", "stride", "length", "max_documents"):
         value = getattr(args, option, None)

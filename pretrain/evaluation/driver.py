@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pretrain.errors import ConfigError
+from data_prep.base.errors import ConfigError
 from pretrain.evaluation.checks import check_args
 from pretrain.evaluation.scorer import token_nll
 
@@ -131,7 +131,7 @@ def _report(args, text, *, length, stride, results, swap_logs, t0, **source) -> 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Score the text of ``args`` with the checkpoint or export it names; the report."""
-    from pretrain.evaluation.hf import HFScorer
+    from pretrain.evaluation.hf_scorer import HFScorer
     from pretrain.evaluation.scorer import CheckpointScorer
 
     t0 = time.monotonic()
@@ -201,7 +201,7 @@ def default_out(report: dict, args) -> Path:
 
 
 def write_outputs(report: dict, args) -> Path:
-    from data_prep import atomic
+    from data_prep.base import atomic_write
     from pretrain.evaluation.plot import plot_curves
 
     out = args.out or default_out(report, args)
@@ -209,14 +209,14 @@ def write_outputs(report: dict, args) -> Path:
     report.pop("_rank")
     for rate, swaps in swap_logs.items():
         log = out.with_name(f"{out.stem}.swaps-p{rate}.jsonl")
-        atomic.write_text(log, "".join(json.dumps(s) + "\n" for s in swaps))
+        atomic_write.write_text(log, "".join(json.dumps(s) + "\n" for s in swaps))
     if report["oversmoothing"]:
         png = args.png or out.with_suffix(".png")
         label = f"{report['model']['attention']} step {report['step']}"
         report["oversmoothing"]["png"] = str(
             plot_curves({label: report["oversmoothing"]["layers"]}, png)
         )
-    atomic.write_text(out, json.dumps(report, indent=1))
+    atomic_write.write_text(out, json.dumps(report, indent=1))
     tb = args.tensorboard or _output_base(report) / "tensorboard" / "eval"
     from torch.utils.tensorboard import SummaryWriter
 

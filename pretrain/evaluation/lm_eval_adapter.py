@@ -59,9 +59,10 @@ class TwicingLM(TemplateLM):
         **_ignored: Any,
     ) -> None:
         super().__init__()
+        from data_prep.base.errors import ConfigError
+        from pretrain.checkpoint.load_model import load_model
         from pretrain.checkpoint.reader import open_checkpoint
-        from pretrain.errors import ConfigError
-        from pretrain.evaluation.scorer import build_model, init_parallel
+        from pretrain.parallel.distributed import init_for_inference
 
         self.ck = open_checkpoint(str(checkpoint), tag, tokenizer)
         self.tok = self.ck.tokenizer
@@ -75,8 +76,8 @@ class TwicingLM(TemplateLM):
         if self.ck.model.position_embedding == "learned_absolute":
             self._max_length = min(self._max_length, self.ck.model.seq_length)
         self.max_gen_toks = int(max_gen_toks)
-        self.global_rank, self.tp = _parallel(init_parallel)
-        self.model = build_model(self.ck, self.global_rank, self.tp)
+        self.global_rank, self.tp = _parallel(init_for_inference)
+        self.model = load_model(self.ck, self.global_rank, self.tp)
 
     # ------------------------------------------------------------------ what lm-eval asks
     @property

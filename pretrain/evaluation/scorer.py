@@ -5,13 +5,10 @@ NLL function, optional probes, and the report's description of the source."""
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-
-from pretrain.errors import CheckpointError
 
 #: ``(tokens, positions, labels) -> per-token NLL [b, s]``
 TokenNLL = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -37,37 +34,6 @@ class Scorer(Protocol):
         """The report's source fields (checkpoint, step, model, tokenizer, tensor_parallel)."""
 
 
-def init_parallel() -> tuple[int, int]:
-    """One process: a private 1-rank group. Under a launcher: TP = world size."""
-    from pretrain.local_launch import free_port
-    from pretrain.parallel.distributed import init
-    from pretrain.parallel.launch_env import launch_env
-
-    env = launch_env()
-    if env.world_size == 1 and "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
-        env = launch_env()
-    init(env, env.world_size, timeout_minutes=30)
-    return env.rank, env.world_size
-
-
-def build_model(ck, rank: int, tp: int):
-    """The checkpoint's GPT at TP=``tp`` with this rank's weights, in eval mode."""
-    from model import build_gpt
-    from pretrain.checkpoint.reader import state_dict_for_rank
-
-    torch.manual_seed(0)
-    model = build_gpt(ck.model)
-    missing, unexpected = model.load_state_dict(state_dict_for_rank(ck, rank, tp), strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{ck.tag_dir}: weights do not fit the model (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]})"
-        )
-    return model.eval()
-
-
 def token_nll(model) -> TokenNLL:
     """Per-token NLL of a megatron-core GPT (its forward with ``labels``)."""
 
@@ -91,8 +57,11 @@ class CheckpointScorer:
         self.rank, self.tp = 0, 1
 
     def load(self) -> None:
-        self.rank, self.tp = init_parallel()
-        self.model = build_model(self.ck, self.rank, self.tp)
+        from pretrain.checkpoint.load_model import load_model
+        from pretrain.parallel.distributed import init_for_inference
+
+        self.rank, self.tp = init_for_inference()
+        self.model = load_model(self.ck, self.rank, self.tp)
 
     def token_nll(self) -> TokenNLL:
         return token_nll(self.model)

@@ -6,8 +6,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from data_prep.errors import DataPrepError
-from pretrain.errors import ConfigError
+from data_prep.base.errors import ConfigError, DataPrepError
 
 _WORDS = re.compile(r"(\s+)")
 

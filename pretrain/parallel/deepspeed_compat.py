@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from pretrain.errors import CheckpointError
+from data_prep.base.errors import CheckpointError
 
 #: the DeepSpeed modules whose ``torch.load`` calls read checkpoint files (the test checks each
 #: calls it as ``torch.load``, the attribute :func:`safe_loads` replaces)

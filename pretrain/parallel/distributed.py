@@ -39,6 +39,19 @@ def init(
     )
 
 
+def init_for_inference() -> tuple[int, int]:
+    """Process groups for evaluation and generation: one process gets a private 1-rank group;
+    under a launcher, TP = the world size. Returns ``(rank, tensor-parallel size)``."""
+    from pretrain.parallel.launch_env import free_port, launch_env
+
+    env = launch_env()
+    if env.world_size == 1 and "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+        env = launch_env()
+    init(env, env.world_size, timeout_minutes=30)
+    return env.rank, env.world_size
+
+
 def shutdown() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

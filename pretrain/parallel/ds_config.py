@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from pretrain.config import TrainConfig
+from pretrain.train_config import TrainConfig
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:

@@ -12,13 +12,13 @@ from megatron.core import parallel_state as ps
 
 from model import build_gpt
 from model.tp_layout import layout_of
-from pretrain.config import TrainConfig
 from pretrain.parallel import deepspeed_compat, distributed
 from pretrain.parallel.ds_config import deepspeed_config
 from pretrain.parallel.mpu import MegatronMPU
 from pretrain.parallel.optimizer import zero0_optimizer
-from pretrain.parallel.pipeline import tied_copy, tied_weight
+from pretrain.parallel.pipeline_schedule import tied_copy, tied_weight
 from pretrain.parallel.sequence_parallel import allreduce_sequence_parallel_grads
+from pretrain.train_config import TrainConfig
 
 
 @dataclass

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pretrain.errors import ConfigError
+from data_prep.base.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,10 @@ def launch_env(env: Mapping[str, str] = os.environ) -> LaunchEnv:
     addr = env.get("MASTER_ADDR", "127.0.0.1")
     port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500
     return LaunchEnv(rank, world, local, addr, port, launcher)
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now (for a rendezvous on one machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from pretrain.config import OptimizerConfig
+from pretrain.train_config import OptimizerConfig
 
 
 class SkippableAdamW(torch.optim.AdamW):

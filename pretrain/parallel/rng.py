@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from megatron.core import parallel_state, tensor_parallel
 
-from model import cpu_compat
+from model import megatron_compat
 
 #: megatron-core's offset for the per-TP-rank model-parallel stream
 _TP_SEED_OFFSET = 2718
@@ -24,7 +24,7 @@ def seed_everything(seed: int) -> None:
     if torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
-        cpu_compat.install_cpu_rng_tracker().add("model-parallel-rng", tp_seed)
+        megatron_compat.install_cpu_rng_tracker().add("model-parallel-rng", tp_seed)
 
 
 def capture() -> dict:

@@ -12,7 +12,7 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-from pretrain.errors import ConfigError
+from data_prep.base.errors import ConfigError
 
 
 @dataclass
@@ -94,7 +94,7 @@ def load_data(cfg) -> tuple[Any, dict[str, Any]]:
     """Tokenizer and megatron blend arguments from the run's data_prep manifest, checked up front
     (missing files, empty splits, vocabulary too large for the model) so a bad manifest fails
     before any process-group work."""
-    from data_prep.errors import DataPrepError
+    from data_prep.base.errors import DataPrepError
     from data_prep.manifest import load_manifest
 
     try:

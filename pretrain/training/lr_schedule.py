@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from pretrain.config import OptimizerConfig
+from pretrain.train_config import OptimizerConfig
 
 
 def lr_at(step: int, opt: OptimizerConfig, train_steps: int) -> float:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from pretrain.errors import ConfigError
+from data_prep.base.errors import ConfigError
 
 LOCK = ".lock"
 

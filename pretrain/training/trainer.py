@@ -12,18 +12,18 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from data_prep.base.errors import ExitCode, NonFiniteError
 from pretrain import faults
 from pretrain.checkpoint.layout import TOKENIZER_FILE, read_state
 from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.checkpoint.resume import plan_resume
 from pretrain.checkpoint.state import TokenizerInfo, Topology, TrainerState
-from pretrain.config import TrainConfig
-from pretrain.errors import ExitCode, NonFiniteError
 from pretrain.parallel import deepspeed_compat, distributed, rng
 from pretrain.parallel.engine import build_engine, lm_loss
 from pretrain.parallel.launch_env import LaunchEnv
 from pretrain.parallel.optimizer import zero0_prepare_step
-from pretrain.parallel.pipeline import PipelineStep, sum_from_last_stage
+from pretrain.parallel.pipeline_schedule import PipelineStep, sum_from_last_stage
+from pretrain.train_config import TrainConfig
 from pretrain.training.data import build_datasets, micro_batches
 from pretrain.training.flops import flops_per_token, peak_tflops
 from pretrain.training.lr_schedule import lr_at

@@ -43,12 +43,12 @@ def sharded_logits_worker(checkpoint: str, out: str) -> None:
     dist.init_process_group("gloo")
     tp = dist.get_world_size()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    from pretrain.checkpoint.load_model import load_model
     from pretrain.checkpoint.reader import open_checkpoint
-    from pretrain.evaluation.scorer import build_model
 
     ck = open_checkpoint(checkpoint)
     assert ck.tensor_parallel == tp and ck.zero_stage < 3  # its own shards, read as saved
-    model = build_model(ck, dist.get_rank(), tp)
+    model = load_model(ck, dist.get_rank(), tp)
     x = probe_tokens(ck.model.vocab_size, ck.model.seq_length)
     with torch.no_grad():
         local = model(x, torch.arange(x.shape[1]).expand_as(x), None)  # [b, s, V/tp]
@@ -124,8 +124,8 @@ def test_consolidated_file_is_self_contained(tp2_run, consolidated):
 def test_consolidated_weights_give_the_sharded_models_logits(
     tp2_run, consolidated, tmp_path, one_rank
 ):
+    from pretrain.checkpoint.load_model import load_model
     from pretrain.checkpoint.reader import open_checkpoint
-    from pretrain.evaluation.scorer import build_model
 
     out = tmp_path / "sharded.pt"
     run([str(Path(__file__)), str(tp2_run / "checkpoints/step_00000003"), str(out)], 2)
@@ -133,7 +133,7 @@ def test_consolidated_weights_give_the_sharded_models_logits(
 
     ck = open_checkpoint(consolidated)
     assert ck.tensor_parallel == 1 and ck.weights is not None
-    model = build_model(ck, 0, 1)
+    model = load_model(ck, 0, 1)
     x = probe_tokens(ck.model.vocab_size, ck.model.seq_length)
     with torch.no_grad():
         tp1 = model(x, torch.arange(x.shape[1]).expand_as(x), None)

@@ -43,11 +43,11 @@ def tp2_run(wikitext_manifest, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eval_model(tp2_run, one_rank):
+    from pretrain.checkpoint.load_model import load_model
     from pretrain.checkpoint.reader import open_checkpoint
-    from pretrain.evaluation.scorer import build_model
 
     ck = open_checkpoint(tp2_run)
-    return ck, build_model(ck, rank=0, tp=1)
+    return ck, load_model(ck, rank=0, tp=1)
 
 
 def reference_nll(model, stream: list[int], length: int, stride: int) -> tuple[float, int]:

@@ -47,7 +47,7 @@ def test_trained_run_exports_and_scores_the_same_perplexity(wikitext_manifest, t
         "twicing_export.json",
     }
 
-    from data_prep.tokenizer import SentencePieceTokenizer
+    from data_prep.sentencepiece_tokenizer import SentencePieceTokenizer
     from pretrain.evaluation.texts import load_text
 
     sp = SentencePieceTokenizer(out / "tokenizer.model")

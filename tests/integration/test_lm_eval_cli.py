@@ -74,7 +74,7 @@ def test_hf_generate_matches_pretrain_generate(tmp_path, wikitext_manifest, one_
     """Greedy, cache on in both: HF ``generate()`` on the export of a twicing last-K GQA model
     (learned positions) vs the ``pretrain.generate`` command (its JSONL ``token_ids``)."""
     from pretrain.checkpoint.reader import open_checkpoint
-    from pretrain.export.hf import export
+    from pretrain.export.hf_export import export
 
     path = synthetic_checkpoint(
         tmp_path,

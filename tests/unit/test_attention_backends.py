@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from data_prep.base.errors import ConfigError
 from model.attention import backend as kernels
 from model.attention.backend import BACKENDS, attend, resolve_backend
 from model.attention.twicing import twicing_attention
-from model.config import ModelConfig
-from pretrain.errors import ConfigError
+from model.model_config import ModelConfig
 
 
 def _qkv(groups: int = 2, dtype=torch.float32, seed: int = 0):

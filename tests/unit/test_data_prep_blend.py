@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from workers.data_prep_common import corpus_docs, write_jsonl
 
+from data_prep.base.errors import EmptySplitError
 from data_prep.build import output_prefix, tokenize_corpora
-from data_prep.errors import EmptySplitError
 from data_prep.indexed import optimal_dtype, write_dataset
 from data_prep.manifest import BlendEntry, Manifest, load_manifest
 from data_prep.sources import Corpus

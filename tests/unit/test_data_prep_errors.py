@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from workers.data_prep_common import corpus_docs, write_jsonl
 
+from data_prep.base.errors import DataPrepError
 from data_prep.build import PAUSE_ENV, tokenize_corpora
-from data_prep.errors import DataPrepError
 from data_prep.sources import Corpus, parse_corpus
 from data_prep.train_tokenizer import TokenizerOptions, train_tokenizer
 

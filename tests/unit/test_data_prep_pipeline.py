@@ -9,7 +9,7 @@ import numpy as np
 from conftest import need_shared
 
 from data_prep.manifest import load_manifest
-from data_prep.pipeline import prepare_wikitext
+from data_prep.prepare_wikitext import prepare_wikitext
 from data_prep.wikitext import load_articles
 
 

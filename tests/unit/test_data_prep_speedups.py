@@ -12,8 +12,8 @@ from workers.data_prep_common import (
     train_models,
 )
 
+from data_prep.base.errors import DataPrepError
 from data_prep.encoder import DocumentEncoder
-from data_prep.errors import DataPrepError
 from data_prep.train_tokenizer import TokenizerOptions
 
 #: walls next to spaces, walls in runs, walls at both ends, the whitespace mark beside a wall

@@ -8,9 +8,9 @@ import pytest
 import sentencepiece as spm
 from workers.data_prep_common import NASTY, corpus_docs
 
-from data_prep.errors import DataPrepError
+from data_prep.base.errors import DataPrepError
+from data_prep.sentencepiece_tokenizer import SentencePieceTokenizer, file_sha256
 from data_prep.sources import Corpus
-from data_prep.tokenizer import SentencePieceTokenizer, file_sha256
 from data_prep.train_tokenizer import TokenizerOptions, train_tokenizer, training_lines
 
 
@@ -55,7 +55,10 @@ def test_tokenizer_attributes_and_lossless_round_trip(tmp_path, docs):
     sp = spm.SentencePieceProcessor(model_file=str(model))
     assert (tok.vocab_size, tok.eod, tok.pad) == (700, sp.eos_id(), -1)
     assert tok.unique_identifiers == OrderedDict(
-        [("class", "data_prep.tokenizer.SentencePieceTokenizer"), ("sha256", file_sha256(model))]
+        [
+            ("class", "data_prep.sentencepiece_tokenizer.SentencePieceTokenizer"),
+            ("sha256", file_sha256(model)),
+        ]
     )
     assert sp.piece_to_id("\n") > 2  # newline is one piece, not bytes
     for text in [*NASTY, *docs[:20]]:

@@ -7,7 +7,7 @@ import time
 import pytest
 from conftest import need_shared
 
-from data_prep.errors import DataPrepError
+from data_prep.base.errors import DataPrepError
 from data_prep.hub import hub_reachable, load_dataset_split
 from data_prep.wikitext import articles, export_hub_layout, load_articles, resolve_source
 

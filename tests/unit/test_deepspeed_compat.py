@@ -12,7 +12,7 @@ import deepspeed
 import pytest
 import torch
 
-from pretrain.errors import CheckpointError
+from data_prep.base.errors import CheckpointError
 from pretrain.parallel import deepspeed_compat as compat
 
 

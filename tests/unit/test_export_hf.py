@@ -50,9 +50,9 @@ def tokenizer_model(manifest: Path) -> Path:
 
 def synthetic_checkpoint(tmp_path: Path, manifest: Path, name: str, **overrides) -> Path:
     """A consolidated file of a randomly perturbed model (norms, biases, all weights ≠ init)."""
-    from data_prep.tokenizer import SentencePieceTokenizer
+    from data_prep.base.strict_config import to_dict
+    from data_prep.sentencepiece_tokenizer import SentencePieceTokenizer
     from model import ModelConfig, build_gpt
-    from model.strict_config import to_dict
     from model.tp_layout import layout_of
     from pretrain.checkpoint.reader import Checkpoint
     from pretrain.checkpoint.state import TrainerState
@@ -88,9 +88,9 @@ def synthetic_checkpoint(tmp_path: Path, manifest: Path, name: str, **overrides)
 
 
 def our_logits(ck, x: torch.Tensor) -> torch.Tensor:
-    from pretrain.evaluation.scorer import build_model
+    from pretrain.checkpoint.load_model import load_model
 
-    model = build_model(ck, 0, 1)
+    model = load_model(ck, 0, 1)
     with torch.no_grad():
         return model(x, torch.arange(x.shape[1]).expand_as(x), None)
 
@@ -104,7 +104,7 @@ def hf_logits(out: Path, x: torch.Tensor):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_exported_model_gives_our_logits(variant, wikitext_manifest, tmp_path, one_rank):
     from pretrain.checkpoint.reader import open_checkpoint
-    from pretrain.export.hf import export
+    from pretrain.export.hf_export import export
 
     path = synthetic_checkpoint(tmp_path, wikitext_manifest, variant, **VARIANTS[variant])
     ck = open_checkpoint(path)
@@ -125,7 +125,7 @@ def test_exported_model_gives_our_logits(variant, wikitext_manifest, tmp_path, o
 
 def test_bf16_export(wikitext_manifest, tmp_path, one_rank):
     from pretrain.checkpoint.reader import open_checkpoint
-    from pretrain.export.hf import export
+    from pretrain.export.hf_export import export
 
     path = synthetic_checkpoint(tmp_path, wikitext_manifest, "bf16", **VARIANTS["llama"])
     export(open_checkpoint(path), tmp_path / "hf", dtype="bf16")
@@ -173,12 +173,12 @@ def test_stock_architectures_refuse_what_they_cannot_compute(
 def test_gpt2_export_scores_the_same_nll(wikitext_manifest, tmp_path, one_rank):
     """GPT-2 style: the evaluation's scoring of the export (``hf_token_nll``, as ``--hf-model``
     runs it) equals the megatron model's on the same windows."""
+    from pretrain.checkpoint.load_model import load_model
     from pretrain.checkpoint.reader import open_checkpoint
     from pretrain.evaluation.driver import evaluate_text
-    from pretrain.evaluation.hf import hf_token_nll
-    from pretrain.evaluation.scorer import build_model
+    from pretrain.evaluation.hf_scorer import hf_token_nll
     from pretrain.evaluation.texts import load_text
-    from pretrain.export.hf import export
+    from pretrain.export.hf_export import export
 
     path = synthetic_checkpoint(tmp_path, wikitext_manifest, "g", **VARIANTS["gpt2-nobias-gqa"])
     ck = open_checkpoint(path)
@@ -186,7 +186,7 @@ def test_gpt2_export_scores_the_same_nll(wikitext_manifest, tmp_path, one_rank):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     text = load_text("wikitext-2:valid", max_documents=2)
     kw = dict(length=64, stride=32, batch_size=4)
-    ours = evaluate_text(build_model(ck, 0, 1), ck.tokenizer, text, **kw)
+    ours = evaluate_text(load_model(ck, 0, 1), ck.tokenizer, text, **kw)
     theirs = evaluate_text(hf, ck.tokenizer, text, token_nll_fn=hf_token_nll(hf), **kw)
     assert ours["tokens"] == theirs["tokens"]
     assert abs(ours["nll_sum"] - theirs["nll_sum"]) / ours["nll_sum"] <= 1e-6

@@ -47,7 +47,7 @@ def load_remote(path):
 def exported(tmp_path_factory, wikitext_manifest, one_rank):
     """name -> (opened checkpoint, export dir), every case exported once."""
     from pretrain.checkpoint.reader import open_checkpoint
-    from pretrain.export.hf import export
+    from pretrain.export.hf_export import export
 
     root = tmp_path_factory.mktemp("remote")
     out = {}
@@ -62,7 +62,7 @@ def exported(tmp_path_factory, wikitext_manifest, one_rank):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_remote_code_export_gives_our_logits(name, exported):
-    from pretrain.evaluation.scorer import build_model
+    from pretrain.checkpoint.load_model import load_model
 
     ck, hf_dir = exported[name]
     config = json.loads((hf_dir / "config.json").read_text())
@@ -75,7 +75,7 @@ def test_remote_code_export_gives_our_logits(name, exported):
     assert config["num_key_value_heads"] == ck.model.query_groups
     x = torch.randint(0, 1024, (2, 64), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ours = build_model(ck, 0, 1)(x, torch.arange(64).expand_as(x), None)
+        ours = load_model(ck, 0, 1)(x, torch.arange(64).expand_as(x), None)
         model = load_remote(hf_dir)
         theirs = model(input_ids=x, use_cache=False).logits
     assert type(model).__name__ == "TwicingForCausalLM"
@@ -91,13 +91,13 @@ def test_hf_generate_with_cache_gives_our_greedy_tokens(name, exported):
     """transformers' ``generate()`` (DynamicCache on) vs our cached decoder, greedy, two prompts
     decoded as one left-padded batch on both sides."""
     from model.inference.generation import generate
-    from pretrain.evaluation.scorer import build_model
+    from pretrain.checkpoint.load_model import load_model
 
     ck, hf_dir = exported[name]
     eod = ck.tokenizer.eod
     prompts = [[eod, *ck.tokenizer.encode(t)] for t in ("The game began", "In 1990 , the")]
     ours = generate(
-        build_model(ck, 0, 1),
+        load_model(ck, 0, 1),
         prompts,
         max_new_tokens=12,
         eod=eod,
@@ -210,9 +210,9 @@ def test_unsupported_exports_are_refused(
 def test_evaluate_hf_model_scores_a_custom_code_export(exported):
     """``pretrain.evaluate --hf-model`` loads a custom-code export (trust_remote_code from its
     ``auto_map``) and scores the checkpoint's NLL on the same windows."""
+    from pretrain.checkpoint.load_model import load_model
     from pretrain.evaluation.driver import evaluate_text
-    from pretrain.evaluation.hf import HFExport, hf_token_nll
-    from pretrain.evaluation.scorer import build_model
+    from pretrain.evaluation.hf_scorer import HFExport, hf_token_nll
     from pretrain.evaluation.texts import load_text
 
     ck, hf_dir = exported["neutreno-gqa"]
@@ -221,7 +221,7 @@ def test_evaluate_hf_model_scores_a_custom_code_export(exported):
     hf = export.load()
     text = load_text("wikitext-2:valid", max_documents=1)
     kw = dict(length=64, stride=32, batch_size=4)
-    ours = evaluate_text(build_model(ck, 0, 1), ck.tokenizer, text, **kw)
+    ours = evaluate_text(load_model(ck, 0, 1), ck.tokenizer, text, **kw)
     theirs = evaluate_text(hf, ck.tokenizer, text, token_nll_fn=hf_token_nll(hf), **kw)
     assert ours["tokens"] == theirs["tokens"] > 100
     assert abs(ours["nll_sum"] - theirs["nll_sum"]) / ours["nll_sum"] <= 1e-6

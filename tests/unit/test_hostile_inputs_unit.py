@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.errors import DataPrepError
-from data_prep.guard import check_output
+from data_prep.base.errors import CheckpointError, ConfigError, DataPrepError
+from data_prep.base.output_guard import check_output
 from pretrain.checkpoint import layout
 from pretrain.checkpoint.state import TrainerState
-from pretrain.errors import CheckpointError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -341,7 +340,7 @@ def test_word_perplexity_both_conventions(dataset):
     (Transformer-XL / lmtool). A constant NLL per token makes both exact to check."""
     import torch
 
-    from data_prep.tokenizer import SentencePieceTokenizer
+    from data_prep.sentencepiece_tokenizer import SentencePieceTokenizer
     from pretrain.evaluation.driver import evaluate_text
     from pretrain.evaluation.texts import EvalText
 

@@ -36,7 +36,7 @@ def softmax_model(tmp_path_factory, wikitext_manifest, one_rank):
 
     from pretrain.checkpoint.reader import open_checkpoint
     from pretrain.evaluation.lm_eval_adapter import TwicingLM
-    from pretrain.export.hf import export
+    from pretrain.export.hf_export import export
 
     root = tmp_path_factory.mktemp("lm_eval")
     path = synthetic_checkpoint(root, wikitext_manifest, "soft", **GPT2, activation="gelu")
@@ -95,7 +95,7 @@ def test_peer_check_llama_gqa_export(tmp_path, wikitext_manifest, tasks, one_ran
 
     from pretrain.checkpoint.reader import open_checkpoint
     from pretrain.evaluation.lm_eval_adapter import TwicingLM
-    from pretrain.export.hf import export
+    from pretrain.export.hf_export import export
 
     path = synthetic_checkpoint(tmp_path, wikitext_manifest, "l", **LLAMA, num_query_groups=2)
     assert export(open_checkpoint(path), tmp_path / "hf")["architecture"] == "LlamaForCausalLM"
@@ -142,7 +142,7 @@ def test_twicing_export_runs_in_lm_evals_hf_model(tmp_path, wikitext_manifest, t
 
     from pretrain.checkpoint.reader import open_checkpoint
     from pretrain.evaluation.lm_eval_adapter import TwicingLM
-    from pretrain.export.hf import export
+    from pretrain.export.hf_export import export
 
     path = synthetic_checkpoint(
         tmp_path, wikitext_manifest, "tw", attention="twicing", num_query_groups=2, num_layers=3

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from data_prep.base.errors import ConfigError
+from data_prep.base.strict_config import from_dict
 from model import ModelConfig, build_gpt
 from model.attention.layer_selection import select_layers
 from model.attention.softmax import SoftmaxCoreAttention
 from model.attention.twicing import TwicingCoreAttention
-from model.strict_config import from_dict
-from pretrain.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import load_config
-from pretrain.errors import ConfigError
+from data_prep.base.errors import ConfigError
 from pretrain.parallel.ds_config import deepspeed_config
+from pretrain.train_config import load_config
 from pretrain.training.lr_schedule import lr_at
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ import pytest
 def test_universal_info_patterns():
     import re
 
+    from data_prep.base.errors import CheckpointError
     from pretrain.checkpoint.reshard import AVERAGE, ROW_PARALLEL, TWO_SUB_PARAMS, universal_info
-    from pretrain.errors import CheckpointError
 
     layout = {
         "embedding.word_embeddings.weight": {"dim": 0, "stride": 1},
@@ -67,9 +67,9 @@ def test_universal_info_patterns():
     ],
 )
 def test_supported_layouts(saved, here, expected):
+    from data_prep.base.errors import CheckpointError
     from pretrain.checkpoint.resume import check_supported
     from pretrain.checkpoint.state import Topology
-    from pretrain.errors import CheckpointError
 
     def topo(t):
         return Topology(tensor=t[0], data=t[1], zero_stage=t[2], pipeline=(t + (1,))[3])

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from data_prep.base.errors import ConfigError
 from model import ModelConfig, build_gpt
 from model.attention.neural import NeuralScorer, neural_attention
 from model.attention.value_residual import neutreno_attention, value_residual_attention
-from pretrain.errors import ConfigError
 
 SEED = torch.seed()
 

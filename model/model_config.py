@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from data_prep.base.errors import ConfigError
+from data_prep.base.strict_config import check
 from model.attention.layer_selection import select_layers
 from model.attention.registry import BACKENDS, VARIANTS, Backend
-from model.strict_config import check
-from pretrain.errors import ConfigError
 
 
 @dataclass

@@ -12,7 +12,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union
 
-from pretrain.errors import ConfigError
+from data_prep.base.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from data_prep.errors import DataPrepError
+from data_prep.base.errors import DataPrepError
 
 
 def file_sha256(path: str | Path) -> str:

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
+from data_prep.base.errors import ConfigError
 from model import ModelConfig
-from pretrain.errors import ConfigError
 from pretrain.export import gpt2, llama, remote
 from pretrain.export.output import METADATA, check_export_dir
-from pretrain.export.tokenizer import PROBES, write_tokenizer
+from pretrain.export.tokenizer_files import PROBES, write_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: architecture name -> its weight adapter (``hf_config``, ``model_class``, ``convert``);

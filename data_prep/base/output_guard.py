@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from data_prep.errors import DataPrepError
+from data_prep.base.errors import DataPrepError
 
 _TAG = re.compile(r"step_\d{8}")
 #: files that only a checkpoint step directory holds

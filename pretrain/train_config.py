@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 import yaml
 
+from data_prep.base.errors import ConfigError
+from data_prep.base.strict_config import check, from_dict, to_dict
 from model import ModelConfig
-from model.strict_config import check, from_dict, to_dict
-from pretrain.errors import ConfigError
 
 
 @dataclass

@@ -3,7 +3,7 @@
 A ``ConfigError`` (or data_prep's ``DataPrepError``) exits 2, a ``CheckpointError`` 4, a
 ``NonFiniteError`` 3, each with one line naming the culprit and no traceback; anything else
 prints its traceback and exits 1. Known-harmless third-party warnings are silenced first
-(``pretrain.console``). Imports nothing heavy.
+(``data_prep.base.warning_filters``). Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -12,9 +12,14 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from data_prep.errors import DataPrepError
-from pretrain.console import quiet_known_warnings
-from pretrain.errors import CheckpointError, ConfigError, ExitCode, NonFiniteError
+from data_prep.base.errors import (
+    CheckpointError,
+    ConfigError,
+    DataPrepError,
+    ExitCode,
+    NonFiniteError,
+)
+from data_prep.base.warning_filters import quiet_known_warnings
 
 _LABELS = {
     ConfigError: "config error",

@@ -1,7 +1,7 @@
 """The project's error classes and exit codes: a leaf that imports nothing heavy.
 
-Every entry point maps these to one exit code (``pretrain.cli.run_cli``); the README's table
-lists the codes.
+Every entry point maps these to one exit code (``data_prep.base.run_command.run_cli``); the
+README's table lists the codes.
 """
 
 from __future__ import annotations
@@ -42,3 +42,14 @@ class NonFiniteError(RuntimeError):
     """Loss or gradient went NaN/inf under the ``halt`` policy."""
 
     exit_code = ExitCode.NONFINITE
+
+
+class DataPrepError(Exception):
+    """Bad input or configuration of ``data_prep`` (exit 2); the message names the file, field,
+    line or corpus at fault."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class EmptySplitError(DataPrepError):
+    """A corpus with blend weight has no document in a split (megatron-core would loop forever)."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from pretrain.errors import CheckpointError, ConfigError
+from data_prep.base.errors import CheckpointError, ConfigError
 from pretrain.evaluation.scorer import TokenNLL
 
 
@@ -29,8 +29,8 @@ class HFExport:
     """A Hugging Face export as the evaluation needs it: tokenizer, config, model, metadata."""
 
     def __init__(self, path: Path, tokenizer: str | None):
-        from data_prep.tokenizer import SentencePieceTokenizer, file_sha256
-        from pretrain.export.hf import METADATA
+        from data_prep.sentencepiece_tokenizer import SentencePieceTokenizer, file_sha256
+        from pretrain.export.hf_export import METADATA
 
         self.tag_dir = Path(path)
         sp_model = self.tag_dir / "tokenizer.model"
