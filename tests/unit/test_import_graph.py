@@ -1,5 +1,6 @@
-"""The project's import graph: no circles (imports inside functions count), data_prep stands
-alone, and the commands' front doors load no torch, megatron-core or DeepSpeed."""
+"""The project's import graph: no circles (imports inside functions count), every import points
+down the layer order (:data:`LAYERS`), and the commands' front doors load no torch, megatron-core
+or DeepSpeed."""
 
 from __future__ import annotations
 
@@ -103,10 +104,58 @@ def test_circle_detection_finds_a_planted_circle():
     assert circles(graph) == [["a", "b", "c"]]
 
 
-def test_data_prep_imports_nothing_of_model_or_pretrain():
+#: the layers, lowest first; a module may import its own layer and those below, never above
+LAYERS = (
+    ("data_prep.base",),  # torch-free base: errors, strict config, atomic writes, guards
+    ("data_prep",),  # data preparation (no torch)
+    ("model",),  # the model math and its megatron modules
+    ("pretrain.faults", "pretrain.train_config"),  # torch-free pieces of the trainer's package
+    ("pretrain.parallel",),
+    ("pretrain.checkpoint",),
+    ("pretrain.export", "pretrain.evaluation"),
+    ("pretrain.training",),
+    ("pretrain",),  # the commands: pretrain/<command>.py (nothing of the library imports them)
+)
+
+
+def layer_of(module: str) -> int:
+    """The index in :data:`LAYERS` of the most specific prefix that ``module`` falls under."""
+    best = (-1, -1)
+    for i, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if module == prefix or module.startswith(prefix + "."):
+                best = max(best, (len(prefix), i))
+    if best[1] < 0:
+        raise AssertionError(f"{module} is in no layer of LAYERS")
+    return best[1]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every edge that points to a higher layer, as ``"a -> b"``."""
+    return sorted(f"{m} -> {t}" for m, ts in graph.items() for t in ts if layer_of(t) > layer_of(m))
+
+
+def test_layers_only_import_downward():
+    """data_prep.base imports nothing of the project; data_prep nothing of model/pretrain;
+    model nothing of pretrain; inside pretrain: parallel <- checkpoint <- export/evaluation <-
+    training <- the commands."""
     graph = import_graph()
-    bad = {m: t for m, ts in graph.items() if m.startswith("data_prep") for t in ts}
-    assert not {m: t for m, t in bad.items() if not t.startswith("data_prep")}
+    assert upward_imports(graph) == []
+    base = {t for m, ts in graph.items() if m.startswith("data_prep.base") for t in ts}
+    assert all(t.startswith("data_prep.base") for t in base), base
+
+
+def test_a_planted_upward_import_is_found():
+    graph = import_graph()
+    planted = {k: set(v) for k, v in graph.items()}
+    planted["model.gpt"].add("pretrain.train_config")
+    planted["data_prep.build"].add("model.model_config")
+    planted["pretrain.checkpoint.manager"].add("pretrain.train")  # the library importing a command
+    assert upward_imports(planted) == [
+        "data_prep.build -> model.model_config",
+        "model.gpt -> pretrain.train_config",
+        "pretrain.checkpoint.manager -> pretrain.train",
+    ]
 
 
 @pytest.mark.parametrize(
