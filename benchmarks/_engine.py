@@ -28,8 +28,9 @@ def init_once(tensor_parallel: int = 1) -> None:
         )
     from pretrain.parallel.distributed import init
     from pretrain.parallel.launch_env import launch_env
+    from pretrain.train_config import ParallelConfig
 
-    init(launch_env(), tensor_parallel, 10)
+    init(launch_env(), ParallelConfig(tensor=tensor_parallel), 10)
     _ready = True
 
 

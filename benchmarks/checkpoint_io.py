@@ -56,9 +56,10 @@ def main() -> int:
     from pretrain.checkpoint.manager import CheckpointManager
     from pretrain.checkpoint.state import TokenizerInfo, Topology, TrainerState
     from pretrain.parallel import rng
+    from pretrain.train_config import CheckpointConfig
 
     work = Path(tempfile.mkdtemp(prefix="twicing-ckpt-bench-"))
-    manager = CheckpointManager(work / "ours", keep_last=1)
+    manager = CheckpointManager(work / "ours", CheckpointConfig(keep_last=1))
     state = TrainerState(
         step=1,
         consumed_samples=cfg.training.global_batch_size,

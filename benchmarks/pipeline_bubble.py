@@ -35,7 +35,7 @@ def _worker(args: argparse.Namespace) -> None:
     from pretrain.parallel.engine import build_engine, lm_loss
     from pretrain.parallel.launch_env import launch_env
     from pretrain.parallel.pipeline_schedule import PipelineStep
-    from pretrain.train_config import load_config
+    from pretrain.train_config import ParallelConfig, load_config
     from pretrain.training.data import Batch
 
     world = int(os.environ["WORLD_SIZE"])
@@ -51,7 +51,7 @@ def _worker(args: argparse.Namespace) -> None:
             f"parallel.pipeline={world}", "parallel.zero_stage=1",
         ],
     )  # fmt: skip
-    distributed.init(launch_env(), 1, 10, world)
+    distributed.init(launch_env(), ParallelConfig(pipeline=world), 10)
     torch.manual_seed(0)
     engine = build_engine(cfg, world).engine
     g = torch.Generator().manual_seed(1)

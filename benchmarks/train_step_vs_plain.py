@@ -43,7 +43,7 @@ def main() -> int:
     from pretrain.parallel.distributed import init
     from pretrain.parallel.engine import build_engine, lm_loss
     from pretrain.parallel.launch_env import launch_env
-    from pretrain.train_config import TrainConfig, load_config
+    from pretrain.train_config import ParallelConfig, TrainConfig, load_config
 
     overrides = [
         "run_dir=/tmp/unused",
@@ -64,7 +64,7 @@ def main() -> int:
         "optimizer.grad_clip=1.0",
     ]
     cfg: TrainConfig = load_config(None, overrides)
-    init(launch_env(), 1, 10)
+    init(launch_env(), ParallelConfig(), 10)
     torch.manual_seed(0)
     engine = build_engine(cfg, 1).engine
     from megatron.core import parallel_state

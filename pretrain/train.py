@@ -58,11 +58,10 @@ def prepare(cfg: TrainConfig):
 
 def train(cfg: TrainConfig, env, tokenizer, blend) -> int:
     """Run (or resume) the job on this rank; returns its exit code. The run dir is created,
-    locked and its ``config.yaml`` written by rank 0 in ``Trainer.setup``."""
+    locked and its ``config.yaml`` written by rank 0 while the ``Trainer`` is built."""
     from pretrain.training.trainer import Trainer
 
     trainer = Trainer(cfg, env, tokenizer, blend, stop=STOP)
-    trainer.setup()
     code = trainer.run()
     trainer.close()
     return code

@@ -9,6 +9,7 @@ import errno
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,40 +38,61 @@ from pretrain.checkpoint.layout import (
     torch_save,
     verify_files,
 )
-from pretrain.checkpoint.state import TrainerState
+from pretrain.checkpoint.resume import plan_resume
+from pretrain.checkpoint.state import Topology, TrainerState
 from pretrain.parallel.deepspeed_compat import (
-    collect_save_errors,
     fix_zero3_universal_load,
+    route_save_writes,
     safe_loads,
     universal_loading,
 )
+from pretrain.train_config import CheckpointConfig
 
 
 @dataclass
 class Loaded:
+    """What a resume restored: the tag, its trainer state, and this rank's RNG states (None when
+    they must not be restored: the checkpoint was saved at another layout, whose ranks had other
+    roles)."""
+
     tag: str
     state: TrainerState
     rng: dict[str, Any] | None
 
 
-class CheckpointManager:
-    """Saves and restores a DeepSpeed engine plus our state, collectively on every rank."""
+class SaveErrors:
+    """The write failures of one save on this rank, recorded instead of raised, so that every
+    rank still runs the save's collectives and all can agree on the outcome. Every write of a
+    save goes through it: ours (``guard(path, write)``) and DeepSpeed's
+    (``deepspeed_compat.route_save_writes``). After the first failure the remaining writes are
+    skipped (this rank's disk already failed)."""
 
-    def __init__(
-        self,
-        root: Path,
-        keep_last: int,
-        verify: bool = True,
-        fsync: bool = False,
-        trust_pickles: bool = False,
-        save_retries: int = 0,
-    ):
+    def __init__(self) -> None:
+        self.errors: list[tuple[str, BaseException]] = []
+
+    def __call__(self, path: Path | str, write: Callable[[], Any], inject: bool = True) -> None:
+        if self.errors:
+            return
+        try:
+            if inject:
+                faults.save_error(Path(path))
+            write()
+        except Exception as e:  # noqa: BLE001 - agreed on across ranks by the manager
+            self.errors.append((str(path), e))
+
+
+class CheckpointManager:
+    """Saves and restores a DeepSpeed engine plus our state, collectively on every rank, as the
+    run's ``checkpoint`` config section says."""
+
+    def __init__(self, root: Path, cfg: CheckpointConfig):
         self.root = Path(root)
-        self.keep_last = keep_last
-        self.verify = verify
-        self.fsync = fsync
-        self.trust_pickles = trust_pickles
-        self.save_retries = save_retries
+        self.cfg = cfg
+        self.keep_last = cfg.keep_last
+        self.verify = cfg.verify
+        self.fsync = cfg.fsync
+        self.trust_pickles = cfg.trust_pickles
+        self.save_retries = cfg.save_retries
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
 
@@ -186,14 +208,12 @@ class CheckpointManager:
             f"{removed}; {self._kept()}"
         )
 
-    def _agree(
-        self, errors: list[tuple[str, BaseException]], need: int
-    ) -> tuple[int, str, str, bool, int] | None:
+    def _agree(self, guard: SaveErrors, need: int) -> tuple[int, str, str, bool, int] | None:
         """The first failure of any rank — ``(rank, path, error, no space, free bytes)`` —
         identical on every rank (a collective), or None."""
         mine = None
-        if errors:
-            path, error = errors[0]
+        if guard.errors:
+            path, error = guard.errors[0]
             free = shutil.disk_usage(self.root).free if self.root.is_dir() else 0
             nospace = _no_space(error) or bool(need and free < need)
             mine = (self.rank, path, f"{type(error).__name__}: {error}", nospace, free)
@@ -224,18 +244,8 @@ class CheckpointManager:
             client_state[reshard.INFO_KEY] = reshard.universal_info(
                 state.tp_layout, reshard.tied_across_stages(state)
             )
-        errors: list[tuple[str, BaseException]] = []
-
-        def guarded(path: Path, write) -> None:
-            if errors:
-                return  # this rank's disk already failed: write nothing more
-            try:
-                faults.save_error(path)
-                write()
-            except Exception as e:  # noqa: BLE001 - agreed on below
-                errors.append((str(path), e))
-
-        with collect_save_errors(engine, errors):  # DeepSpeed's writes, caught the same way
+        guarded = SaveErrors()
+        with route_save_writes(engine, guarded):  # DeepSpeed's writes, through the same guard
             engine.save_checkpoint(
                 str(self.root), tag=tag, client_state=client_state, save_latest=False
             )
@@ -252,7 +262,7 @@ class CheckpointManager:
                     tag_dir / name,
                     lambda n=name, d=data: atomic_write.write_bytes(tag_dir / n, d, self.fsync),
                 )
-        failure = self._agree(errors, need)
+        failure = self._agree(guarded, need)
         if failure is None:
             faults.pause_in_save(step)
             self._write_checksums(tag_dir, guarded)
@@ -263,7 +273,7 @@ class CheckpointManager:
                 guarded(
                     self.root / LATEST, lambda: atomic_write.write_text(self.root / LATEST, tag)
                 )
-            failure = self._agree(errors, need)
+            failure = self._agree(guarded, need)
         if failure is not None:
             if self.rank == 0:
                 latest = self.root / LATEST
@@ -336,10 +346,26 @@ class CheckpointManager:
             raise CheckpointError(value)
         return value
 
-    def load(self, engine, tag: str) -> Loaded:
+    def resume(self, engine, model_config: dict[str, Any], here: Topology) -> Loaded | None:
+        """Restore the latest complete checkpoint into ``engine`` for a run with
+        ``model_config`` at layout ``here``: as it is, through a universal conversion
+        (``checkpoint.reshard``), or refused (``CheckpointError``); None when there is none."""
+        tag = self.latest()
+        if tag is None:
+            return None
+        state = read_state(self.root / tag)
+        # decided before DeepSpeed reads any shard
+        if plan_resume(state, model_config, here, self.cfg.reshard):
+            return self.load_resharded(engine, tag, state)
+        loaded = self.load(engine, tag, state)
+        if state.topology != here:  # e.g. ZeRO-0 at another DP: other ranks' RNG states
+            loaded.rng = None
+        return loaded
+
+    def load(self, engine, tag: str, state: TrainerState | None = None) -> Loaded:
         """Verify (every rank checks a share of the files), then restore engine + RNG."""
         tag_dir = self.root / tag
-        state = read_state(tag_dir)
+        state = state or read_state(tag_dir)
         if self.verify:
             self._verify(tag_dir)
         with safe_loads(self.trust_pickles):  # DeepSpeed's loads: weights_only, allow-listed
@@ -352,14 +378,14 @@ class CheckpointManager:
             rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
         return Loaded(tag=tag, state=state, rng=rng)
 
-    def load_resharded(self, engine, tag: str) -> Loaded:
+    def load_resharded(self, engine, tag: str, state: TrainerState | None = None) -> Loaded:
         """Resume ``tag`` at this run's (different) layout: rank 0 converts it to a DeepSpeed
         universal checkpoint (or reuses an up-to-date conversion), every rank loads its part.
 
         RNG states are not restored (``rng=None``): the saved ones belong to other ranks' roles.
         """
         tag_dir = self.root / tag
-        state = read_state(tag_dir)
+        state = state or read_state(tag_dir)
         if self.verify:
             self._verify(tag_dir)
         # the conversion may outlast the collective timeout: wait for it on a patient group

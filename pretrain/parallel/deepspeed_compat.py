@@ -12,10 +12,11 @@ so an upgrade that changes one fails there, loudly, instead of silently re-openi
   other global is refused (``CheckpointError`` naming the file and the global), unless the run
   sets ``checkpoint.trust_pickles=true`` (then DeepSpeed loads as it always did). DeepSpeed's
   converter fork()s its worker processes, which inherit the replacement.
-* **Failed saves**: :func:`collect_save_errors` makes the engine's checkpoint-engine writes
+* **Failed saves**: :func:`route_save_writes` sends the engine's checkpoint-engine writes
   (``save``, ``makedirs``) and its private ``_copy_recovery_script`` (``zero_to_fp32.py``
-  copied beside the checkpoints) record their errors instead of raising, so a rank whose disk fails
-  still runs through ``save_checkpoint``'s barriers and every rank can agree on the outcome.
+  copied beside the checkpoints) through the checkpoint manager's one write guard, which records
+  an error instead of raising, so a rank whose disk fails still runs through
+  ``save_checkpoint``'s barriers and every rank can agree on the outcome.
 * **Universal loading**: ``engine._config.load_universal_checkpoint`` is flipped for one
   ``load_checkpoint`` call (:func:`universal_loading`).
 * **Universal conversion**: ``ds_to_universal.main`` takes an ``argparse.Namespace`` with the
@@ -48,7 +49,7 @@ import argparse
 import contextlib
 import functools
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,38 +149,23 @@ def scan(paths: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def collect_save_errors(engine: Any, errors: list[tuple[str, BaseException]]) -> Iterator[None]:
-    """Within the block, a write of ``engine.checkpoint_engine`` that fails appends ``(path,
-    error)`` to ``errors`` instead of raising, and once one failed the others are skipped."""
-    from pretrain import faults
-
+def route_save_writes(engine: Any, guard: Callable[..., None]) -> Iterator[None]:
+    """Within the block every write of ``engine.save_checkpoint`` goes through ``guard(path,
+    write, inject=…)`` (the checkpoint manager's ``SaveErrors``, which records a failure
+    instead of raising): its checkpoint engine's ``save`` and ``makedirs`` and the private
+    ``_copy_recovery_script`` (``zero_to_fp32.py`` copied beside the checkpoints)."""
     ce = engine.checkpoint_engine
     real_save, real_makedirs = ce.save, ce.makedirs
-
-    def save(state_dict: Any, path: str) -> None:
-        if errors:
-            return
-        try:
-            faults.save_error(Path(path))
-            real_save(state_dict, path)
-        except Exception as e:  # noqa: BLE001 - the caller agrees on it across ranks
-            errors.append((str(path), e))
-
-    def makedirs(path: str, exist_ok: bool = False) -> None:
-        try:
-            real_makedirs(path, exist_ok=exist_ok)
-        except Exception as e:  # noqa: BLE001
-            errors.append((str(path), e))
-
     real_copy = engine._copy_recovery_script  # the only write outside the checkpoint engine
 
+    def save(state_dict: Any, path: str) -> None:
+        guard(path, lambda: real_save(state_dict, path))
+
+    def makedirs(path: str, exist_ok: bool = False) -> None:
+        guard(path, lambda: real_makedirs(path, exist_ok=exist_ok), inject=False)
+
     def copy_recovery_script(save_path: str) -> None:
-        if errors:
-            return
-        try:
-            real_copy(save_path)
-        except Exception as e:  # noqa: BLE001
-            errors.append((str(save_path), e))
+        guard(save_path, lambda: real_copy(save_path), inject=False)
 
     ce.save, ce.makedirs = save, makedirs
     engine._copy_recovery_script = copy_recovery_script

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from pretrain.parallel.launch_env import LaunchEnv
+from pretrain.train_config import ParallelConfig
 
 
 def backend() -> str:
@@ -17,10 +18,9 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init(
-    env: LaunchEnv, tensor_parallel: int, timeout_minutes: float, pipeline_parallel: int = 1
-) -> None:
-    """Initialise the default group (finite timeout) and megatron's parallel state."""
+def init(env: LaunchEnv, parallel: ParallelConfig, timeout_minutes: float) -> None:
+    """Initialise the default group (finite timeout) and megatron's parallel state for the
+    layout of the ``parallel`` config section."""
     import deepspeed
 
     env.export()
@@ -33,8 +33,8 @@ def init(
         dist_backend=backend(), auto_mpi_discovery=False, timeout=timeout, verbose=False
     )
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_parallel,
-        pipeline_model_parallel_size=pipeline_parallel,
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
         distributed_timeout_minutes=max(1, round(timeout_minutes)),
     )
 
@@ -48,7 +48,7 @@ def init_for_inference() -> tuple[int, int]:
     if env.world_size == 1 and "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
         env = launch_env()
-    init(env, env.world_size, timeout_minutes=30)
+    init(env, ParallelConfig(tensor=env.world_size), timeout_minutes=30)
     return env.rank, env.world_size
 
 

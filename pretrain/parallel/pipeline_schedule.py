@@ -56,6 +56,13 @@ class PipelineStep:
         self.transport = getattr(self.module, "first_values_transport", None)
         self.last = ps.is_pipeline_last_stage()
 
+    @classmethod
+    def for_run(cls, engine: Any, cfg: Any) -> PipelineStep:
+        """The step of a run with config ``cfg`` (a ``TrainConfig``): the forward runs through
+        the engine, or the bare module at ZeRO-0."""
+        runner = engine.module if cfg.parallel.zero_stage == 0 else engine
+        return cls(engine, runner, cfg.model.seq_length, cfg.training.micro_batch_size)
+
     def _run(self, batches: list, loss_fn, forward_only: bool) -> list[dict]:
         def forward_step(data_iterator, model):
             b = next(data_iterator)

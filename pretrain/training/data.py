@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +12,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from data_prep.base.errors import ConfigError
+from pretrain.train_config import TrainConfig
 
 
 @dataclass
@@ -32,25 +32,24 @@ class Batch:
 
 
 def build_datasets(
-    tokenizer: Any,
-    blend_kwargs: dict[str, Any],
-    *,
-    seq_length: int,
-    seed: int,
-    num_train: int,
-    num_valid: int,
-    cache_dir: Path | None,
+    tokenizer: Any, blend_kwargs: dict[str, Any], cfg: TrainConfig
 ) -> tuple[GPTDataset, GPTDataset | None]:
-    """Train and validation datasets (built on every rank; rank 0 fills the cache first)."""
+    """Train and validation datasets of run ``cfg``: as many samples as its steps (and
+    evaluations) consume, in ``data.seed``'s order, cached in ``data.cache_dir`` (default: beside
+    the checkpoints). Built on every rank."""
+    g = cfg.training.global_batch_size
+    num_train = cfg.training.train_steps * g
+    num_valid = (cfg.training.eval_steps if cfg.training.eval_interval else 0) * g
+    cache_dir = cfg.data.cache_dir or (cfg.checkpoint_dir.parent / "data_cache")
     config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
+        random_seed=cfg.data.seed,
+        sequence_length=cfg.model.seq_length,
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
-        path_to_cache=str(cache_dir) if cache_dir else None,
+        path_to_cache=str(cache_dir),
         mmap_bin_files=True,
         **blend_kwargs,
     )

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from pretrain.train_config import LoggingConfig
+
 
 def memory_gb() -> float:
     """Peak device memory (GPU) or resident set size (CPU) of this process, in GiB."""
@@ -21,16 +23,18 @@ def memory_gb() -> float:
 class Metrics:
     """Writes scalars to TensorBoard (rank 0) and prints compact log lines."""
 
-    def __init__(self, log_dir: Path | None, enabled: bool, rank: int, jsonl: Path | None = None):
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, rank: int):
+        """Rank 0 appends to ``run_dir/metrics.jsonl`` and, with ``logging.tensorboard``, writes
+        ``run_dir/tensorboard``."""
         self.rank = rank
         self.writer = None
-        self.jsonl = jsonl if rank == 0 else None
+        self.jsonl = run_dir / "metrics.jsonl" if rank == 0 else None
         if self.jsonl is not None:
             self.jsonl.parent.mkdir(parents=True, exist_ok=True)
-        if enabled and rank == 0 and log_dir is not None:
+        if cfg.tensorboard and rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def scalars(self, step: int, values: dict[str, float | None]) -> None:
         if self.writer is None:

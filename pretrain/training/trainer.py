@@ -14,9 +14,8 @@ from megatron.core import parallel_state
 
 from data_prep.base.errors import ExitCode, NonFiniteError
 from pretrain import faults
-from pretrain.checkpoint.layout import TOKENIZER_FILE, read_state
+from pretrain.checkpoint.layout import TOKENIZER_FILE
 from pretrain.checkpoint.manager import CheckpointManager
-from pretrain.checkpoint.resume import plan_resume
 from pretrain.checkpoint.state import TokenizerInfo, Topology, TrainerState
 from pretrain.parallel import deepspeed_compat, distributed, rng
 from pretrain.parallel.engine import build_engine, lm_loss
@@ -41,6 +40,11 @@ class StepResult:
 
 
 class Trainer:
+    """One run on this rank, built whole by the constructor: process groups, the run dir's lock,
+    data, the DeepSpeed engine and the resumed state (``checkpoint.CheckpointManager.resume``);
+    then :meth:`run` trains to the end (or to a stop) and :meth:`close` releases what it holds.
+    Components get their config section whole."""
+
     def __init__(
         self,
         cfg: TrainConfig,
@@ -50,79 +54,44 @@ class Trainer:
         stop: StopRequest | None = None,
     ):
         self.cfg = cfg
-        self.env = env
         self.tokenizer = tokenizer
-        self.blend_kwargs = blend_kwargs
         self.stop = stop or StopRequest()
-        self.step = 0
-        self.consumed_samples = 0
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
-        self.lock: RunLock | None = None
-
-    # ------------------------------------------------------------------ setup
-    def setup(self) -> None:
-        cfg, env = self.cfg, self.env
         self.stop.install()
-        distributed.init(
-            env, cfg.parallel.tensor, cfg.training.timeout_minutes, cfg.parallel.pipeline
-        )
+        distributed.init(env, cfg.parallel, cfg.training.timeout_minutes)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dp = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.accumulation = cfg.grad_accumulation(self.world)
         self.device = distributed.device()
-        self._lock_run_dir()
+        self.lock = self._lock_run_dir()
         rng.seed_everything(cfg.training.seed)
-        self.metrics = Metrics(
-            cfg.tensorboard_dir,
-            cfg.logging.tensorboard,
-            self.rank,
-            Path(cfg.run_dir) / "metrics.jsonl",
-        )
-
-        g = cfg.training.global_batch_size
-        evals = cfg.training.eval_steps if cfg.training.eval_interval else 0
-        self.train_ds, self.valid_ds = build_datasets(
-            self.tokenizer,
-            self.blend_kwargs,
-            seq_length=cfg.model.seq_length,
-            seed=cfg.data.seed,
-            num_train=cfg.training.train_steps * g,
-            num_valid=evals * g,
-            cache_dir=cfg.data.cache_dir or (cfg.checkpoint_dir.parent / "data_cache"),
-        )
-
+        self.metrics = Metrics(cfg.logging, Path(cfg.run_dir), self.rank)
+        self.train_ds, self.valid_ds = build_datasets(tokenizer, blend_kwargs, cfg)
         built = build_engine(cfg, self.world)
         self.engine, self.num_params, self.layout = built.engine, built.num_params, built.layout
-        self.pipe: PipelineStep | None = None
-        if cfg.parallel.pipeline > 1:
-            runner = self.engine.module if cfg.parallel.zero_stage == 0 else self.engine
-            self.pipe = PipelineStep(
-                self.engine, runner, cfg.model.seq_length, cfg.training.micro_batch_size
-            )
-        self.checkpoints = CheckpointManager(
-            cfg.checkpoint_dir,
-            cfg.checkpoint.keep_last,
-            cfg.checkpoint.verify,
-            cfg.checkpoint.fsync,
-            trust_pickles=cfg.checkpoint.trust_pickles,
-            save_retries=cfg.checkpoint.save_retries,
-        )
+        self.pipe = PipelineStep.for_run(self.engine, cfg) if cfg.parallel.pipeline > 1 else None
+        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint)
         self.flops_per_token = flops_per_token(cfg.model)
         self.peak = peak_tflops(cfg.logging.peak_tflops)
+        self.step = 0
+        self.consumed_samples = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.lr = lr_at(0, cfg.optimizer, cfg.training.train_steps)
         self._resume()
 
-    def _lock_run_dir(self) -> None:
+    def _lock_run_dir(self) -> RunLock | None:
         """Rank 0 takes the run dir's lock (every rank refuses when another job holds it), then
-        writes the resolved config: nothing in a live run's directory is touched before."""
+        writes the resolved config: nothing in a live run's directory is touched before. Returns
+        the lock (rank 0) or None."""
         import yaml
 
         busy: list[str | None] = [None]
+        lock = None
         if self.rank == 0:
-            self.lock = RunLock(self.cfg.run_dir)
+            lock = RunLock(self.cfg.run_dir)
             try:
-                self.lock.acquire()
+                lock.acquire()
             except RunDirBusy as e:
                 busy[0] = str(e)
         dist.broadcast_object_list(busy, src=0)
@@ -132,36 +101,32 @@ class Trainer:
             (Path(self.cfg.run_dir) / "config.yaml").write_text(
                 yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
             )
+        return lock
 
     def _resume(self) -> None:
-        tag = self.checkpoints.latest()
-        if tag is None:
+        """Take over the latest complete checkpoint's state, as the checkpoint package decides
+        (as it is, resharded, or refused)."""
+        here = self._topology()
+        loaded = self.checkpoints.resume(self.engine, self.cfg.to_dict()["model"], here)
+        if loaded is None:
             self.metrics.print(
                 f"[train] no checkpoint in {self.cfg.checkpoint_dir}; starting fresh"
             )
             return
-        saved = read_state(self.cfg.checkpoint_dir / tag)
-        here = self._topology()
-        # decided before DeepSpeed reads any shard
-        reshard = plan_resume(saved, self.cfg.to_dict()["model"], here, self.cfg.checkpoint.reshard)
-        if reshard:
-            loaded = self.checkpoints.load_resharded(self.engine, tag)
-        else:
-            loaded = self.checkpoints.load(self.engine, tag)
         state = loaded.state
         self.step = state.step
         self.consumed_samples = state.consumed_samples
         self.skipped_steps = state.skipped_steps
-        if state.topology != here:
+        if loaded.rng is not None:
+            rng.restore(loaded.rng)
+        else:
             # the saved RNG states belong to other ranks' roles: reseed deterministically from
             # the seed and the step, alike on every rank as at the start of a run (dropout masks
             # then differ from the original run's)
             rng.seed_everything(self.cfg.training.seed + self.step)
-        elif loaded.rng is not None:
-            rng.restore(loaded.rng)
         how = f" (resharded {state.topology.describe()} -> {here.describe()})"
         self.metrics.print(
-            f"[train] resumed from {tag}: step {self.step}, {self.consumed_samples} samples"
+            f"[train] resumed from {loaded.tag}: step {self.step}, {self.consumed_samples} samples"
             + (how if state.topology != here else "")
         )
 
@@ -407,7 +372,6 @@ class Trainer:
                 "valid_tokens": int(total[1].item()),
             }
         )
-        self.last_valid = {"loss": loss, "ppl": ppl, "step": self.step}
         return loss
 
     # ------------------------------------------------------------------ checkpoints

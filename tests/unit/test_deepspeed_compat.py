@@ -125,7 +125,7 @@ def test_the_zero3_universal_loader_still_has_the_slips_we_repair():
 
 
 def test_deepspeed_writes_checkpoints_through_its_checkpoint_engine(tmp_path):
-    """``collect_save_errors`` wraps ``engine.checkpoint_engine.save``/``makedirs``: DeepSpeed's
+    """``route_save_writes`` wraps ``engine.checkpoint_engine.save``/``makedirs``: DeepSpeed's
     save path must write through them (and only them)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.engine import DeepSpeedEngine
@@ -145,17 +145,19 @@ def test_deepspeed_writes_checkpoints_through_its_checkpoint_engine(tmp_path):
         def _copy_recovery_script(self, save_path):
             raise OSError(28, "No space left on device", save_path)
 
-    errors: list = []
+    from pretrain.checkpoint.manager import SaveErrors
+
+    guard = SaveErrors()
     target = tmp_path / "missing-dir" / "x.pt"
     engine = Engine()
-    with compat.collect_save_errors(engine, errors):
+    with compat.route_save_writes(engine, guard):
         engine._copy_recovery_script(str(tmp_path))
         engine.checkpoint_engine.save({"a": torch.ones(1)}, str(tmp_path / "y.pt"))  # skipped
-    assert [p for p, _ in errors] == [str(tmp_path)] and not (tmp_path / "y.pt").exists()
-    errors.clear()
-    with compat.collect_save_errors(engine, errors):
+    assert [p for p, _ in guard.errors] == [str(tmp_path)] and not (tmp_path / "y.pt").exists()
+    guard = SaveErrors()
+    with compat.route_save_writes(engine, guard):
         engine.checkpoint_engine.save({"a": torch.ones(1)}, str(target))  # no such directory
-    assert [p for p, _ in errors] == [str(target)]
+    assert [p for p, _ in guard.errors] == [str(target)]
     assert "save" not in vars(engine.checkpoint_engine)  # the real methods again
     assert "_copy_recovery_script" not in vars(engine)
 
