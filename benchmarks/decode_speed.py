@@ -40,6 +40,9 @@ def init_one_rank() -> None:
     )
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    from model import megatron_compat
+
+    megatron_compat.install()
 
 
 def build(attention: str, args: argparse.Namespace):

@@ -76,7 +76,12 @@ def build_gpt(
     weights do not depend on the layout: each layer (and the untied output layer) is drawn from
     its own stream of the current seed, the embedding first from the seed itself.
     """
-    megatron_compat.install()
+    if not megatron_compat.installed():
+        raise RuntimeError(
+            "build_gpt on a CPU-only torch needs megatron-core's CUDA calls pointed at the CPU: "
+            "call model.megatron_compat.install() once at start-up "
+            "(pretrain.parallel.distributed.init does)"
+        )
     init_seed = torch.initial_seed()
     config = transformer_config(cfg, sequence_parallel=sequence_parallel, params_dtype=params_dtype)
     layers = stage_layers(config)

@@ -1,17 +1,40 @@
-"""Make megatron-core's few hard CUDA calls land on the CPU when torch has no CUDA.
+"""Every place the project leans on megatron-core 0.16 internals, or on the torch internals that
+running megatron-core on a CPU-only torch forces on us, in one module.
 
-megatron-core 0.16 allocates some buffers with ``device=torch.cuda.current_device()`` (RoPE
-frequencies, sequence-parallel gather/scatter buffers). On a CPU-only torch that call raises.
-``install()`` points it at the CPU device, and gives megatron's pipeline schedules (which
-allocate a token counter with ``device="cuda"``) a ``torch`` whose ``zeros`` maps that device to
-the CPU; both are no-ops when CUDA is available. These are the only process-wide patches in the
-project; :func:`tensor_cuda_is_identity` is a scoped one.
+``tests/unit/test_megatron_compat.py`` checks each assumption against the installed megatron-core
+and torch, so an upgrade that changes one fails there, loudly, instead of silently re-opening a
+hole (the same contract as ``pretrain/parallel/deepspeed_compat.py`` for DeepSpeed).
+
+Process-wide patches, installed once at process start-up by :func:`install` (called by
+``pretrain.parallel.distributed.init``, which every command runs first; no-ops when CUDA is
+available):
+
+* ``torch.cuda.current_device`` returns the CPU device: megatron-core allocates RoPE
+  frequencies and the sequence-parallel gather/scatter buffers with
+  ``device=torch.cuda.current_device()``, which raises on a CPU-only torch.
+* ``megatron.core.pipeline_parallel.schedules.torch`` is a proxy of ``torch`` whose ``zeros``
+  maps ``device="cuda"`` to the CPU: the pipeline schedules allocate a token counter on "cuda".
+* megatron's model-parallel RNG tracker (``tensor_parallel.random._CUDA_RNG_STATE_TRACKER`` and
+  ``_CUDA_RNG_STATE_TRACKER_INITIALIZED``) is replaced by :class:`CpuRngTracker` by
+  :func:`install_cpu_rng_tracker` (``pretrain.parallel.rng`` calls it when it seeds a run).
+
+Scoped ones:
+
+* :func:`tensor_cuda_is_identity`: ``Tensor.cuda()`` returns the tensor itself inside the block
+  (megatron's tied-embedding set-up at pipeline size > 1 moves the weight with it).
+* :class:`OffsetModuleList` overrides torch's private ``ModuleList._get_abs_string_index`` so a
+  pipeline stage's layers carry their global names while indexing stays local.
+* :func:`wrap_set_input_tensor` wraps a model's ``set_input_tensor``, the method megatron's
+  schedules call with the tensor received from the previous stage.
+* :func:`is_sequence_parallel` reads the ``sequence_parallel`` attribute megatron puts on the
+  parameters whose gradients are partial per TP rank under sequence parallelism.
 """
 
 from __future__ import annotations
 
 import contextlib
 import types
+from collections.abc import Callable
 
 import torch
 
@@ -22,10 +45,15 @@ def _cpu_device() -> torch.device:
     return torch.device("cpu")
 
 
+def installed() -> bool:
+    """Whether the CPU patches are in place (always True with CUDA: nothing to patch)."""
+    return _installed or torch.cuda.is_available()
+
+
 def install() -> None:
-    """Route ``torch.cuda.current_device()`` to the CPU on machines without CUDA (idempotent)."""
+    """Install the process-wide CPU patches (idempotent; nothing with CUDA available)."""
     global _installed
-    if _installed or torch.cuda.is_available():
+    if installed():
         return
     torch.cuda.current_device = _cpu_device
     from megatron.core.pipeline_parallel import schedules
@@ -105,11 +133,59 @@ class CpuRngTracker:
             torch.set_rng_state(outside)
 
 
+#: the module globals of ``megatron.core.tensor_parallel.random`` that hold its RNG tracker
+RNG_TRACKER_GLOBALS = ("_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED")
+
+
 def install_cpu_rng_tracker() -> CpuRngTracker:
-    """Make megatron-core's ``get_cuda_rng_tracker()`` return a :class:`CpuRngTracker`."""
+    """Make megatron-core's ``get_cuda_rng_tracker()`` return a new :class:`CpuRngTracker`."""
     from megatron.core.tensor_parallel import random as mp_random
 
+    missing = [name for name in RNG_TRACKER_GLOBALS if not hasattr(mp_random, name)]
+    if missing:  # a rename would otherwise silently create new, unread globals
+        raise RuntimeError(
+            f"megatron.core.tensor_parallel.random has no {missing}: re-check model/"
+            "megatron_compat.py against this megatron-core release"
+        )
     tracker = CpuRngTracker()
     mp_random._CUDA_RNG_STATE_TRACKER = tracker
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     return tracker
+
+
+class OffsetModuleList(torch.nn.ModuleList):
+    """A ``ModuleList`` whose parameter names count from ``offset``; indexing stays local.
+
+    A stage's layers are registered under their global index (``decoder.layers.6…`` on the
+    second of two stages of a 12-layer model), so state dicts, DeepSpeed's parameter names and
+    universal checkpoints read the same at every pipeline size. torch's ``ModuleList`` maps an
+    index to a key in its private ``_get_abs_string_index``, overridden here.
+    """
+
+    def __init__(self, modules: list[torch.nn.Module], offset: int) -> None:
+        super().__init__()
+        self.offset = offset
+        for i, m in enumerate(modules):
+            self._modules[str(offset + i)] = m
+
+    def _get_abs_string_index(self, idx) -> str:
+        n = len(self)
+        idx = int(idx)
+        if not -n <= idx < n:
+            raise IndexError(f"index {idx} is out of range")
+        return str(self.offset + (idx % n))
+
+
+def wrap_set_input_tensor(
+    model: torch.nn.Module, wrapper: Callable[[Callable[[object], None], object], None]
+) -> None:
+    """Route what megatron's pipeline schedule hands this stage (``model.set_input_tensor(t)``)
+    through ``wrapper(original, t)``."""
+    original = model.set_input_tensor
+    model.set_input_tensor = lambda tensor: wrapper(original, tensor)
+
+
+def is_sequence_parallel(param: torch.nn.Parameter) -> bool:
+    """Whether megatron (or ``model.norm``) tagged ``param`` as computed on a sequence slice under
+    sequence parallelism (its gradient is a partial sum per TP rank)."""
+    return bool(getattr(param, "sequence_parallel", False))

@@ -13,6 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from model.attention.first_values import FirstLayerValues
+from model.megatron_compat import OffsetModuleList, wrap_set_input_tensor
 
 #: seeds of the streams that initialise each layer and the (untied) output layer
 _LAYER_STREAM, _OUTPUT_STREAM = 1_000_003, 999_983
@@ -35,28 +36,6 @@ def output_seed(base: int) -> int:
     return (base * _OUTPUT_STREAM + 1) % 2**63
 
 
-class OffsetModuleList(torch.nn.ModuleList):
-    """A ``ModuleList`` whose parameter names count from ``offset``; indexing stays local.
-
-    A stage's layers are registered under their global index (``decoder.layers.6…`` on the
-    second of two stages of a 12-layer model), so state dicts, DeepSpeed's parameter names and
-    universal checkpoints read the same at every pipeline size.
-    """
-
-    def __init__(self, modules: list[torch.nn.Module], offset: int) -> None:
-        super().__init__()
-        self.offset = offset
-        for i, m in enumerate(modules):
-            self._modules[str(offset + i)] = m
-
-    def _get_abs_string_index(self, idx) -> str:
-        n = len(self)
-        idx = int(idx)
-        if not -n <= idx < n:
-            raise IndexError(f"index {idx} is out of range")
-        return str(self.offset + (idx % n))
-
-
 def use_global_layer_names(model: torch.nn.Module, offset: int) -> None:
     """Rename ``model.decoder.layers`` to global indices (a no-op on the first stage)."""
     if offset:
@@ -77,22 +56,21 @@ class FirstValuesTransport:
 
     def attach(self, model: torch.nn.Module) -> None:
         if not model.pre_process:
-            set_decoder_input = model.set_input_tensor
-
-            def set_input_tensor(tensor) -> None:
-                if isinstance(tensor, list):
-                    (tensor,) = tensor
-                if tensor is None:
-                    set_decoder_input(tensor)
-                    return
-                hidden, values = tensor.split([self.hidden_size, self.width], dim=-1)
-                s, b = values.shape[:2]
-                self.holder.arrive(values.reshape(s, b, -1, self.head_dim).transpose(0, 1))
-                set_decoder_input(hidden)
-
-            model.set_input_tensor = set_input_tensor
+            wrap_set_input_tensor(model, self._receive)
         if not model.post_process:
             model.register_forward_hook(self._append)
+
+    def _receive(self, set_decoder_input, tensor) -> None:
+        """Split what the previous stage sent into the hidden states and V¹."""
+        if isinstance(tensor, list):
+            (tensor,) = tensor
+        if tensor is None:
+            set_decoder_input(tensor)
+            return
+        hidden, values = tensor.split([self.hidden_size, self.width], dim=-1)
+        s, b = values.shape[:2]
+        self.holder.arrive(values.reshape(s, b, -1, self.head_dim).transpose(0, 1))
+        set_decoder_input(hidden)
 
     def _append(self, _module, _args, hidden: torch.Tensor) -> torch.Tensor:
         v = self.holder.get()  # [b, s, groups, head_dim]

@@ -45,6 +45,9 @@ def one_rank():
         dist.init_process_group("gloo")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    from model import megatron_compat
+
+    megatron_compat.install()  # what every command does at start-up
     yield
 
 

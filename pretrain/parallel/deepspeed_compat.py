@@ -34,6 +34,9 @@ Training:
   bookkeeping only in ``engine.forward``; :func:`reset_backward_state_per_backward` wraps
   ``engine._backward_prologue`` to reset it (``optimizer.clear_backward_seen_flag``) whenever no
   backward is active (``optimizer._backward_active_depth == 0``).
+* **The tied copy counted once**: the last stage's copy of a tied embedding carries
+  ``ds_pipe_replicated`` (:func:`mark_pipeline_replicated`), which DeepSpeed's gradient norms
+  skip; our ZeRO-0 norm skips it the same way.
 * **Tied embedding under ZeRO-1/2**: its gradient is read with
   ``optimizer.get_param_gradient_attribute``; under ZeRO-2 (reduced during backward) the tied
   weight sits alone in a parameter group and ``optimizer.finalize_gradient_accumulation_boundary``
@@ -227,6 +230,20 @@ def fix_zero3_universal_load(optimizer: Any, universal_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- training
+
+
+#: the parameter attribute DeepSpeed's gradient norms skip (``deepspeed.runtime.constants``)
+PIPE_REPLICATED = "ds_pipe_replicated"
+
+
+def mark_pipeline_replicated(param: torch.nn.Parameter) -> None:
+    """Tell DeepSpeed's gradient-norm code that ``param`` is a copy another pipeline stage also
+    holds (the last stage's tied embedding), so it is counted once."""
+    setattr(param, PIPE_REPLICATED, True)
+
+
+def is_pipeline_replicated(param: torch.nn.Parameter) -> bool:
+    return bool(getattr(param, PIPE_REPLICATED, False))
 
 
 def disable_backward_allreduce(engine: Any) -> None:

@@ -23,6 +23,9 @@ def init(env: LaunchEnv, parallel: ParallelConfig, timeout_minutes: float) -> No
     layout of the ``parallel`` config section."""
     import deepspeed
 
+    from model import megatron_compat
+
+    megatron_compat.install()  # process start-up: the CPU patches (no-op with CUDA)
     env.export()
     if torch.cuda.is_available():  # modulo: sites that give each task a single visible GPU
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())

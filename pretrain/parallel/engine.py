@@ -81,7 +81,7 @@ def build_engine(cfg: TrainConfig, world_size: int) -> Built:
         allreduce_sequence_parallel_grads(model)
     duplicate = tied_copy(model)
     if duplicate is not None:
-        duplicate.ds_pipe_replicated = True  # DeepSpeed's norm counts the first stage's copy only
+        deepspeed_compat.mark_pipeline_replicated(duplicate)
     tied = tied_weight(model) if zero == 2 else None
     groups = param_groups(model, cfg.optimizer.weight_decay, alone=tied)
     client_optimizer = zero0_optimizer(groups, cfg.optimizer) if zero == 0 else None

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from pretrain.parallel import deepspeed_compat
 from pretrain.train_config import OptimizerConfig
 
 
@@ -50,7 +51,9 @@ def global_grad_norm(params: list[torch.nn.Parameter], tp_group, pp_group=None) 
     and are counted once. Each pipeline stage adds its own parameters (summed over ``pp_group``);
     the last stage's copy of a tied embedding (``ds_pipe_replicated``) is not counted again.
     """
-    params = [p for p in params if p.grad is not None and not getattr(p, "ds_pipe_replicated", 0)]
+    params = [
+        p for p in params if p.grad is not None and not deepspeed_compat.is_pipeline_replicated(p)
+    ]
     split = [p.grad for p in params if getattr(p, "tensor_model_parallel", False)]
     replicated = [p.grad for p in params if not getattr(p, "tensor_model_parallel", False)]
 

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from model.megatron_compat import is_sequence_parallel
+
 
 def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> int:
     """Register TP all-reduce hooks on every SP param's gradient; returns how many."""
@@ -21,7 +23,7 @@ def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> int:
         dist.all_reduce(grad, group=group)
         return grad
 
-    params = [p for p in model.parameters() if getattr(p, "sequence_parallel", False)]
+    params = [p for p in model.parameters() if is_sequence_parallel(p)]
     for p in params:
         p.register_hook(hook)
     return len(params)

@@ -43,6 +43,9 @@ def sharded_logits_worker(checkpoint: str, out: str) -> None:
     dist.init_process_group("gloo")
     tp = dist.get_world_size()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    from model import megatron_compat
+
+    megatron_compat.install()
     from pretrain.checkpoint.load_model import load_model
     from pretrain.checkpoint.reader import open_checkpoint
 

@@ -113,15 +113,118 @@ def test_ds_to_universal_takes_exactly_our_arguments(monkeypatch):
     assert set(theirs) == set(ours)
 
 
-def test_the_zero3_universal_loader_still_has_the_slips_we_repair():
-    """``fix_zero3_universal_load`` reads ``zero/optimizer_state.pt`` and repairs param-group
-    hyperparameters and a shared ``step`` tensor: both still come from this loader."""
-    from deepspeed.runtime.zero import stage3
+def _two_group_engine(stage: int):
+    """A tiny model in a real ZeRO engine with two parameter groups (weights decayed, biases
+    not), torch's fused AdamW as in training."""
+    import os
 
-    source = inspect.getsource(stage3.DeepSpeedZeroOptimizer_Stage3._load_universal_checkpoint)
-    source += inspect.getsource(stage3)
-    assert "optimizer_state.pt" in source or "optimizer_state" in source
-    assert "param_groups" in source
+    from pretrain.parallel.mpu import MegatronMPU
+
+    os.environ.setdefault("LOCAL_RANK", "0")
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    groups = [
+        {"params": [model[0].weight, model[2].weight], "weight_decay": 0.1},
+        {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0},
+    ]
+    config = {
+        "train_batch_size": 1,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        # what the trainer's DeepSpeed config asks for (pretrain/parallel/ds_config.py)
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True, "fused": True}},
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=groups, config=config, mpu=MegatronMPU()
+    )
+    return engine
+
+
+def test_the_zero3_universal_loader_still_has_the_slips_we_repair(one_rank, tmp_path):
+    """A real ZeRO-3 save, converted by ``ds_to_universal`` and loaded back by DeepSpeed's own
+    universal loader: the bias group comes back with the weight group's decay and every group
+    shares one ``step`` tensor (the slips); ``fix_zero3_universal_load`` repairs both. When
+    DeepSpeed fixes them this test fails: then the repair can go."""
+    from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    )
+
+    engine = _two_group_engine(3)
+    for _ in range(2):
+        engine(torch.randn(1, 8)).sum().backward()
+        engine.step()
+    info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.2}}
+    engine.save_checkpoint(str(tmp_path / "ck"), tag="t", client_state=info)
+    ds_to_universal.main(compat.ds_to_universal_args(tmp_path / "ck/t", tmp_path / "u/t", 1))
+
+    resumed = _two_group_engine(3)
+    with compat.universal_loading(resumed), compat.safe_loads():
+        resumed.load_checkpoint(str(tmp_path / "u"), tag="t", load_lr_scheduler_states=False)
+    inner = resumed.optimizer.optimizer
+    steps = [s["step"] for s in inner.state.values()]
+    assert [g["weight_decay"] for g in inner.param_groups] == [0.1, 0.1]  # slip 1
+    assert len(steps) == 2 and steps[0] is steps[1]  # slip 2
+
+    compat.fix_zero3_universal_load(inner, tmp_path / "u/t")
+    steps = [s["step"] for s in inner.state.values()]
+    assert [g["weight_decay"] for g in inner.param_groups] == [0.1, 0.0]
+    assert steps[0] is not steps[1] and [int(x) for x in steps] == [2, 2]
+
+
+def test_deepspeed_skips_pipeline_replicated_params_in_its_grad_norm(one_rank):
+    """``mark_pipeline_replicated`` sets the attribute the ZeRO-1/2 gradient norm skips."""
+    from deepspeed.runtime import constants
+
+    assert constants.PIPE_REPLICATED == compat.PIPE_REPLICATED
+    optimizer = _two_group_engine(1).optimizer
+    params = [p for group in optimizer.bit16_groups for p in group]
+    grads = [torch.ones_like(p) for p in params]
+    every = float(optimizer.get_grad_norm_direct(grads, params)) ** 2
+    compat.mark_pipeline_replicated(params[0])
+    assert compat.is_pipeline_replicated(params[0]) and not compat.is_pipeline_replicated(params[1])
+    without = float(optimizer.get_grad_norm_direct(grads, params)) ** 2
+    assert every == pytest.approx(sum(p.numel() for p in params))
+    assert without == pytest.approx(every - params[0].numel())
+
+
+def test_the_names_loading_the_groups_the_save_lacked_uses_exist(one_rank):
+    """``load_groups_the_save_lacked`` repeats DeepSpeed's own per-group universal loading for
+    the groups beyond the saved count, with DeepSpeed's private names: every one of them must
+    still exist on a real ZeRO-1 engine and mean what DeepSpeed's loop makes of it."""
+    from deepspeed.checkpoint.universal_checkpoint import enable_universal_checkpoint
+    from deepspeed.runtime import base_optimizer
+    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
+
+    engine = _two_group_engine(1)
+    engine(torch.randn(1, 8)).sum().backward()
+    engine.step()  # Adam's states exist after a step
+    optimizer = engine.optimizer
+    lps = [lp for group in optimizer.bit16_groups for lp in group]
+    enable_universal_checkpoint(lps)  # what DeepSpeed does before a universal load
+    assert len(optimizer.bit16_groups) == len(optimizer.optimizer.param_groups) == 2
+    for lp in lps:
+        assert lp._hp_mapping is not None
+        assert set(lp._hp_mapping.get_optim_state_keys()) <= {"exp_avg", "exp_avg_sq"}
+        assert callable(lp.load_hp_checkpoint_state)
+        assert optimizer.param_names[lp] in dict(engine.module.named_parameters())
+    assert optimizer.mpu.get_tensor_model_parallel_rank() == 0
+    assert list(inspect.signature(map_to_flat_opt_states).parameters) == [
+        "flat_hp_tensor", "lp_tensors", "optim_state", "opt_keys"
+    ]  # fmt: skip
+    loop = inspect.getsource(
+        base_optimizer.ZeROOptimizer.load_hp_checkpoint_state_from_checkpoint_dir
+    )
+    for used in (
+        "lp._hp_mapping", "lp.load_hp_checkpoint_state(", "self.param_names[lp]",
+        "_hp_mapping.get_optim_state_keys()", "map_to_flat_opt_states(hp_param, lp_groups[i]",
+    ):  # fmt: skip
+        assert used in loop, used
 
 
 def test_deepspeed_writes_checkpoints_through_its_checkpoint_engine(tmp_path):

@@ -21,6 +21,9 @@ def main(out: str, tp: str, pp: str, cfgs_json: str) -> None:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=int(tp), pipeline_model_parallel_size=int(pp)
     )
+    from model import megatron_compat
+
+    megatron_compat.install()
     results = []
     for c in json.loads(cfgs_json):
         torch.manual_seed(1234)

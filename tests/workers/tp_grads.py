@@ -42,6 +42,9 @@ def main(out: str, cfgs_json: str) -> None:
     dist.init_process_group("gloo")
     tp = dist.get_world_size()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    from model import megatron_compat
+
+    megatron_compat.install()
     results = [one(ModelConfig(**c), tp) for c in json.loads(cfgs_json)]
     if dist.get_rank() == 0:
         torch.save(results, out)
