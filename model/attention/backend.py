@@ -171,6 +171,12 @@ def unavailable_reason(backend: str, q: torch.Tensor, dropout_p: float = 0.0) ->
     raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
 
 
+class ResolvedBackend(str):
+    """A concrete backend name that :func:`resolve_backend` already checked for this kind of
+    input: :func:`attend` runs it without checking again (``CoreAttention`` resolves once per
+    module and input kind)."""
+
+
 def resolve_backend(backend: Backend, q: torch.Tensor, dropout_p: float = 0.0) -> str:
     """The concrete kernel (one of :data:`CONCRETE`) for ``q``; a named one that cannot run is a
     ``RuntimeError`` naming what is missing.
@@ -327,12 +333,15 @@ def attend(
     ``mask`` (bool, broadcastable to ``[batch, heads, seq_q, seq_k]``, True = may attend, e.g.
     key padding) further restricts the keys.
     ``dropout_p`` drops attention weights (single-pass callers only). ``backend`` is resolved by
-    :func:`resolve_backend` (on ``q`` alone, so every call with the same ``q`` uses one kernel).
+    :func:`resolve_backend` (on ``q`` alone, so every call with the same ``q`` uses one kernel),
+    unless it is a :class:`ResolvedBackend` (already resolved for this kind of ``q``).
     A masked or ``seq_q != seq_k`` call runs on SDPA with an explicit mask, except on the
     flash-attn kernels, which align ``seq_q < seq_k`` bottom-right themselves.
     """
     check_qkv(q, k, v, causal)
-    name = resolve_backend(backend, q, dropout_p)
+    name = (
+        backend if isinstance(backend, ResolvedBackend) else resolve_backend(backend, q, dropout_p)
+    )
     s_q, s_k = q.size(1), k.size(1)
     if mask is None and (s_q == s_k or not causal or name in ("flash", "flash4")):
         return KERNELS[name](q, k, v, causal, scale, dropout_p)

@@ -24,7 +24,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from model.attention.backend import Backend, repeat_kv
+from model.attention.backend import Backend, ResolvedBackend, repeat_kv, resolve_backend
 from model.attention.first_values import FirstLayerValues
 from model.attention.registry import AttentionVariant, variant
 from model.inference.context import DecodeContext, DecodeSlot
@@ -86,6 +86,20 @@ class CoreAttention(MegatronModule):
         self.decode_slot: DecodeSlot | None = None
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1 / math.sqrt(head_dim)
+        #: the concrete kernel of the current forward (``self.backend`` resolved for its inputs)
+        self.kernel: ResolvedBackend = ResolvedBackend("sdpa")
+        self._kernels: dict[tuple, ResolvedBackend] = {}
+
+    def resolve_kernel(self, q: torch.Tensor) -> ResolvedBackend:
+        """``self.backend`` resolved for inputs like ``q`` (device, dtype, head dim) and this
+        mode's dropout: once per module and kind of input, not on every call of a pass."""
+        dropout = self.dropout if self.training else 0.0
+        key = (q.device, q.dtype, q.size(-1), dropout)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = ResolvedBackend(resolve_backend(self.backend, q, dropout))
+            self._kernels[key] = kernel
+        return kernel
 
     @property
     def is_first_layer(self) -> bool:
@@ -148,6 +162,7 @@ class CoreAttention(MegatronModule):
             )
         # [s, b, h, d] -> [b, s, h, d] (views; the kernel picks its own layout)
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))
+        self.kernel = self.resolve_kernel(q)
         if self.first_values is not None and self.is_first_layer:
             self.first_values.put(v)
         extra = self.extra_inputs(v)

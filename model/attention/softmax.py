@@ -18,7 +18,7 @@ class SoftmaxCoreAttention(CoreAttention, name="softmax"):
             v,
             causal=causal,
             scale=self.softmax_scale,
-            backend=self.backend,
+            backend=self.kernel,
             dropout_p=self.dropout if self.training else 0.0,
             mask=mask,
         )

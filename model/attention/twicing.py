@@ -110,13 +110,13 @@ class TwicingCoreAttention(CoreAttention, name="twicing"):
             v,
             causal=causal,
             softmax_scale=self.softmax_scale,
-            backend=self.backend,
+            backend=self.kernel,
             mask=mask,
         )
 
     def decode(self, q, k, v, ctx, mask, *extra):
         """One step over the cache: pass 1 on (K, V), append o1 to O1, pass 2 on (K, O1)."""
-        scale, backend = self.softmax_scale, self.backend
+        scale, backend = self.softmax_scale, self.kernel
         o1 = attend(q, k, v, causal=True, scale=scale, backend=backend, mask=mask)
         o1_all = ctx.append(self.layer_number, "o1", o1)
         return _second_pass(q, k, o1, o1_all, True, scale, backend, mask)

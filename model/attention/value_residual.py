@@ -68,7 +68,7 @@ class _FirstValueAttention(CoreAttention):
     def attention(self, q, k, v, causal, *extra, mask=None):
         if not extra:  # layer 0: plain attention, it is the source of V¹
             return attend(
-                q, k, v, causal=causal, scale=self.softmax_scale, backend=self.backend, mask=mask
+                q, k, v, causal=causal, scale=self.softmax_scale, backend=self.kernel, mask=mask
             )
         return self.mix(q, k, v, extra[0], causal, mask)
 
@@ -88,7 +88,7 @@ class NeuTRENOCoreAttention(_FirstValueAttention, name="neutreno"):
             lam=self.options["lambda"],
             causal=causal,
             softmax_scale=self.softmax_scale,
-            backend=self.backend,
+            backend=self.kernel,
             mask=mask,
         )
 
@@ -106,7 +106,7 @@ class ResFormerCoreAttention(_FirstValueAttention, name="resformer"):
             lam_own=self.options["lambda_own"],
             causal=causal,
             softmax_scale=self.softmax_scale,
-            backend=self.backend,
+            backend=self.kernel,
             mask=mask,
         )
 
@@ -125,6 +125,6 @@ class SVFormerCoreAttention(_FirstValueAttention, name="svformer"):
             lam_own=0.0,
             causal=causal,
             softmax_scale=self.softmax_scale,
-            backend=self.backend,
+            backend=self.kernel,
             mask=mask,
         )

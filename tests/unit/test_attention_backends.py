@@ -134,3 +134,21 @@ def test_cpu_twicing_fused_path_serves_auto_sdpa_and_sdpa_flash():
     for name in ("auto", "sdpa", "sdpa-flash"):
         assert kernels.cpu_kernel_applies(name, q)
     assert not kernels.cpu_kernel_applies("cudnn", q)
+
+
+def test_the_kernel_is_resolved_once_per_module(one_rank, monkeypatch):
+    """Two forwards of a 2-layer twicing GPT (two passes per layer each) resolve the backend
+    twice in all: once per attention module, not in every ``attend`` call."""
+    from model import ModelConfig, build_gpt
+    from model.attention import base
+
+    calls = []
+    real = base.resolve_backend
+    monkeypatch.setattr(base, "resolve_backend", lambda *a: calls.append(a[0]) or real(*a))
+    monkeypatch.setattr(kernels, "resolve_backend", lambda *a: pytest.fail("resolved in attend"))
+    torch.manual_seed(0)
+    model = build_gpt(ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=2))
+    tokens = torch.randint(0, 1024, (2, 16))
+    for _ in range(2):
+        model(tokens, torch.arange(16).expand(2, 16), None).sum().backward()
+    assert calls == ["auto", "auto"]
