@@ -9,9 +9,14 @@ entropy), and writes:
 - ``results/wikitext_cpu_study.png``: mean over-smoothing curve per variant;
 - ``results/wikitext_cpu_study.json``: every run's numbers.
 
-Finished runs are reused, so an interrupted study continues where it stopped.
+Finished runs are reused, so an interrupted study continues where it stopped. Each run's
+evaluation goes to ``RUN/eval/<data>.json`` (a run's ``eval/`` is where ``pretrain.evaluate`` may
+write inside it).
 
     python benchmarks/reproduce_wikitext.py [--seeds 1 2 3] [--steps 400] [--work runs/study]
+
+``--set key=value`` changes the training config of every run and ``--max-documents N`` limits
+the evaluation text (both for quick checks, e.g. the test that runs the study at a tiny size).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def run(cmd: list[str], log: Path) -> None:
 
 def one(variant: str, seed: int, args, manifest: Path) -> dict:
     run_dir = args.work / slug(variant) / f"seed{seed}"
-    out = run_dir / "eval.json"
+    out = run_dir / "eval" / f"{slug(args.eval_data)}.json"
     report = json.loads(out.read_text()) if out.exists() else None
     if report is None:
         overrides = [
@@ -60,6 +65,7 @@ def one(variant: str, seed: int, args, manifest: Path) -> dict:
             f"data.seed={seed}",
             f"training.train_steps={args.steps}",
             f"checkpoint.interval={args.steps}",
+            *args.set,
         ]
         run(
             ["-m", "pretrain.train", "--config", str(args.config), *overrides],
@@ -82,10 +88,12 @@ def one(variant: str, seed: int, args, manifest: Path) -> dict:
         ]
         if args.wikitext:
             evaluate += ["--wikitext", args.wikitext]
+        if args.max_documents:
+            evaluate += ["--max-documents", str(args.max_documents)]
         run(evaluate, run_dir / "eval.log")
         report = json.loads(out.read_text())
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    seconds = [s["seconds"] for s in steps if "seconds" in s and s["step"] > 5]
+    seconds = [s["seconds"] for s in steps if "seconds" in s and s["step"] > min(5, args.steps - 1)]
     return {
         "variant": variant,
         "seed": seed,
@@ -123,13 +131,21 @@ def main() -> int:
     p.add_argument("--wikitext", help="local WikiText copy (default: hub, then ../shared)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
     p.add_argument("--results", type=Path, default=ROOT / "results")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a training config override for every run (repeatable)",
+    )
+    p.add_argument("--max-documents", type=int, help="evaluate on the first N documents only")
     args = p.parse_args()
     t0 = time.monotonic()
 
     from data_prep.prepare_wikitext import prepare_wikitext
     from pretrain.train_config import load_config
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     manifest = prepare_wikitext(
         args.work / "data",
         name="wikitext-2",

@@ -30,6 +30,19 @@ def need_shared(*parts: str) -> Path:
     return path
 
 
+def need_module(name: str):
+    """Import ``name`` (an extra the project installs: transformers, lm_eval, accelerate); skip
+    when it is missing, except under CI, where a missing one fails."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed, but CI installs it (make install): {e}")
+        pytest.skip(f"{name} is not installed (pip install -e '.[eval]')", allow_module_level=True)
+
+
 @pytest.fixture(scope="session")
 def one_rank():
     """A single-process gloo group with megatron's parallel_state at TP=1."""

@@ -99,7 +99,12 @@ def check_output(
         raise error(
             f"{what} {given} {where} the {found} {ancestor}: refusing to write there (it could "
             "overwrite or delete training outputs); choose a path outside it"
-            + (f", e.g. {ancestor}/eval/" if allow_eval_dir and found == "run directory" else "")
+            + (
+                f", or inside its eval/ subdirectory ({ancestor}/eval/…), which holds only "
+                "evaluation results"
+                if allow_eval_dir and found == "run directory"
+                else ""
+            )
         )
     if out.is_dir():
         hit = _contained(out)

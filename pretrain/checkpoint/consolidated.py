@@ -18,6 +18,7 @@ Written by ``python -m pretrain.consolidate``; read by ``pretrain.checkpoint.rea
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,17 @@ def load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        called = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), None)
+        if called is None:  # not a pickle at all, or a damaged one
+            raise CheckpointError(
+                f"{path} is not a readable consolidated checkpoint: {e}"
+            ) from None
+        raise CheckpointError(
+            f"{path}: refused to unpickle ({called.split(' was not')[0]}): a consolidated "
+            "checkpoint holds only tensors and plain containers, so this file was altered or "
+            "written by other code; nothing in it was run"
+        ) from None
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable consolidated checkpoint: {e}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

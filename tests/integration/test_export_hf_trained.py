@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import need_module
 
 from launch import run
 from pretrain_runs import train
 
-transformers = pytest.importorskip("transformers")
+transformers = need_module("transformers")
 
 EVAL = ["-m", "pretrain.evaluate", "--data", "wikitext-2:valid", "--max-documents", "3"]
 

@@ -75,10 +75,16 @@ def test_greedy_output_is_the_same_cached_recomputed_and_at_tp2(run_dir, tmp_pat
 
 
 def test_seeded_sampling_repeats_run_to_run(run_dir, tmp_path):
+    """Same seed, same tokens; another seed, other tokens; and sampling is not greedy decoding
+    (the flags are honoured, not ignored)."""
     flags = ["--max-new-tokens", "12", "--temperature", "1.0", "--top-k", "50", "--top-p", "0.9"]
     first = generate(run_dir, tmp_path / "a.jsonl", *flags, "--seed", "5")
     again = generate(run_dir, tmp_path / "b.jsonl", *flags, "--seed", "5")
-    assert [r["token_ids"] for r in first] == [r["token_ids"] for r in again]
+    other = generate(run_dir, tmp_path / "c.jsonl", *flags, "--seed", "6")
+    greedy = generate(run_dir, tmp_path / "d.jsonl", "--max-new-tokens", "12")
+    ids = [[r["token_ids"] for r in rows] for rows in (first, again, other, greedy)]
+    assert ids[0] == ids[1]
+    assert ids[0] != ids[2] and ids[0] != ids[3]
 
 
 def test_bad_inputs_are_refused_naming_the_value(run_dir, tmp_path, capsys):

@@ -11,12 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
-lm_eval = pytest.importorskip("lm_eval")
-transformers = pytest.importorskip("transformers")
+from conftest import need_module  # noqa: E402
+
+lm_eval = need_module("lm_eval")
+transformers = need_module("transformers")
 
 from test_export_hf import GPT2, LLAMA, synthetic_checkpoint  # noqa: E402
 

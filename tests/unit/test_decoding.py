@@ -44,22 +44,34 @@ def test_attend_aligns_causal_queries_bottom_right_and_applies_a_key_mask():
         attend(q, k[:, :5], v[:, :5], causal=True)
 
 
-def test_twicing_first_pass_cache_gives_exactly_two_a_minus_a_squared():
-    """out_t = 2·o1_t − Σ_{j≤t} A_tj·o1_j with o1 cached as it is produced (float64, GQA)."""
-    from model.attention.backend import attend, repeat_kv
-    from model.attention.twicing import twicing_attention
+def test_twicing_first_pass_cache_gives_exactly_two_a_minus_a_squared(one_rank):
+    """The real decode path (``TwicingCoreAttention.decode`` over a ``DecodeContext``), one token
+    at a time: out_t = 2·o1_t − Σ_{j≤t} A_tj·o1_j with o1 cached as it is produced equals
+    (2A − A²)V of the whole sequence (float64, GQA: 4 query heads over 2 groups)."""
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from model.attention.backend import repeat_kv
+    from model.attention.twicing import TwicingCoreAttention
+    from model.inference.context import DecodeContext
 
     q, k, v = _rand(2, 10, 4, 8, seed=3), _rand(2, 10, 2, 8, seed=4), _rand(2, 10, 2, 8, seed=5)
     a = _reference_weights(q, k)
     reference = torch.einsum("bhij,bjhd->bihd", 2 * a - a @ a, repeat_kv(v, 4))
-    torch.testing.assert_close(twicing_attention(q, k, v), reference)
-    o1_cache, outs = [], []
+    config = TransformerConfig(
+        num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+        use_cpu_initialization=True, attention_dropout=0.0,
+    )  # fmt: skip
+    module = TwicingCoreAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal)
+    module.kernel = module.resolve_kernel(q)
+    ctx = DecodeContext(2, 10)
+    outs = []
     for t in range(10):
-        qt, kt, vt = q[:, t : t + 1], k[:, : t + 1], v[:, : t + 1]
-        o1_cache.append(attend(qt, kt, vt))  # final once computed: depends on positions <= t
-        o1 = torch.cat(o1_cache, dim=1)  # [b, t+1, heads (not groups), d]
-        outs.append(2 * o1_cache[-1] - attend(qt, repeat_kv(kt, 4), o1))
+        outs.append(module.decode(q[:, t : t + 1], k[:, : t + 1], v[:, : t + 1], ctx, None))
+        ctx.advance(1)
     torch.testing.assert_close(torch.cat(outs, dim=1), reference)
+    o1 = ctx.extra[(1, "o1")]  # the first-pass cache: A·V row by row, at query-head width
+    torch.testing.assert_close(o1, torch.einsum("bhij,bjhd->bihd", a, repeat_kv(v, 4)))
 
 
 @pytest.mark.parametrize("name", list(CASES))

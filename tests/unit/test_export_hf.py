@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import need_module
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-transformers = pytest.importorskip("transformers")
+transformers = need_module("transformers")
 
 #: the tiny GPT, with a padded vocabulary (1024 pieces → 1100 rows)
 BASE = dict(

@@ -14,7 +14,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-transformers = pytest.importorskip("transformers")
+from conftest import need_module  # noqa: E402
+
+transformers = need_module("transformers")
 
 from test_export_hf import GPT2, LLAMA, synthetic_checkpoint  # noqa: E402
 

@@ -106,6 +106,61 @@ def test_checksum_entries_must_stay_inside_the_step_dir(tmp_path, name):
         layout.verify_files(tag)
 
 
+def test_verification_compares_every_files_size_and_digest(tmp_path):
+    """``verify_files`` against ``checksums.json``: an intact step passes; a changed size and a
+    same-size flipped byte are each named; a missing file too."""
+    tag = tmp_path / "step_00000002"
+    tag.mkdir()
+    (tag / "a.pt").write_bytes(b"weights" * 100)
+    (tag / "b.pt").write_bytes(b"optimizer" * 100)
+    sums = {n: layout.file_digest(tag / n) for n in ("a.pt", "b.pt")}
+    (tag / layout.CHECKSUMS).write_text(json.dumps(sums))
+    assert layout.verify_files(tag) == []
+    (tag / "a.pt").write_bytes(b"weights" * 99)  # truncated
+    data = bytearray((tag / "b.pt").read_bytes())
+    data[17] ^= 0x01  # one bit, same size
+    (tag / "b.pt").write_bytes(bytes(data))
+    problems = layout.verify_files(tag)
+    assert problems == [
+        f"{tag / 'a.pt'}: 693 bytes, expected 700 (truncated?)",
+        f"{tag / 'b.pt'}: checksum mismatch (corrupted)",
+    ]
+    (tag / "a.pt").unlink()
+    assert layout.verify_files(tag, ["a.pt"]) == [f"{tag / 'a.pt'}: missing"]
+
+
+class _Payload:
+    """Unpickling this calls ``open(flag, "w")``: creates the flag file (code execution)."""
+
+    def __init__(self, flag: Path):
+        self.flag = str(flag)
+
+    def __reduce__(self):
+        return (open, (self.flag, "w"))
+
+
+def test_a_tampered_consolidated_file_never_runs(tmp_path):
+    """A consolidated ``.pt`` carrying a pickled call is refused by the loader every reader
+    (evaluate, generate, lm_eval, export_hf) goes through; nothing in it runs."""
+    import torch
+
+    from pretrain.checkpoint import consolidated
+    from pretrain.checkpoint.reader import open_checkpoint
+
+    flag = tmp_path / "flag"
+    path = tmp_path / "model.pt"
+    torch.save(
+        {"format": consolidated.FORMAT, "format_version": 1, "state_dict": {},
+         "trainer_state": {}, "tokenizer_model": torch.zeros(1), "x": _Payload(flag)},
+        path,
+    )  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"model\.pt.*refused to unpickle"):
+        consolidated.load(path)
+    with pytest.raises(CheckpointError, match=r"model\.pt.*refused to unpickle"):
+        open_checkpoint(path)
+    assert not flag.exists()
+
+
 def test_an_empty_trainer_state_names_the_missing_key(tmp_path):
     with pytest.raises(CheckpointError, match=r"state.json: key 'step' is missing"):
         TrainerState.from_json({}, tmp_path / "state.json")

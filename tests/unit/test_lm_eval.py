@@ -12,8 +12,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-lm_eval = pytest.importorskip("lm_eval")
-pytest.importorskip("accelerate")
+from conftest import need_module  # noqa: E402
+
+lm_eval = need_module("lm_eval")
+need_module("accelerate")
 
 from test_export_hf import GPT2, LLAMA, synthetic_checkpoint  # noqa: E402
 

@@ -192,3 +192,35 @@ def test_first_layer_values_do_not_leak_between_passes(one_rank):
 def test_bad_variant_configs_are_clear_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         tiny(**kwargs)
+
+
+def test_default_coefficients_are_the_papers_official_values(one_rank):
+    """NeuTRENO λ = 0.4 (the official language-modelling config of Nguyen et al., NeurIPS
+    2023) and ResFormer λ₁ = λ₂ = 0.5 (Zhou et al., ACL 2025, the official value-residual
+    mix): the registry defaults and what a module built without options computes."""
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from model.attention.first_values import FirstLayerValues
+    from model.attention.registry import VARIANTS, core_attention_class
+
+    assert VARIANTS["neutreno"].options == {"lambda": 0.4}
+    assert VARIANTS["resformer"].options == {"lambda_first": 0.5, "lambda_own": 0.5}
+    config = TransformerConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        use_cpu_initialization=True,
+        attention_dropout=0.0,
+    )
+    q, k, v, v0 = (torch.randn(2, 6, 4, 8, dtype=torch.float64) for _ in range(4))
+    for name, expected in (
+        ("neutreno", softmax_ref(q, k, v) + 0.4 * (v0 - v)),
+        ("resformer", softmax_ref(q, k, 0.5 * v0 + 0.5 * v)),
+    ):
+        holder = FirstLayerValues()
+        module = core_attention_class(name)(
+            config, layer_number=2, attn_mask_type=AttnMaskType.causal, first_values=holder
+        )
+        module.kernel = module.resolve_kernel(q)
+        torch.testing.assert_close(module.attention(q, k, v, True, v0), expected)
