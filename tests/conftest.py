@@ -12,6 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # tests/launch.py and friends
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# This venv's tools first, as in an activated venv and in the Slurm jobs (slurm_jobs.job_env):
+# DeepSpeed JIT-builds its CPU shm op with whichever `ninja` is on PATH, and the system's 1.11
+# and the venv's 1.13 hash the build log differently, so mixing them rebuilt the op (~30 s of
+# both cores) every time a test switched between the two.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -66,7 +67,7 @@ def command(*argv: str, timeout: float = 300) -> tuple[int, str]:
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+        env={"PATH": os.environ["PATH"], "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
     )
     return p.returncode, p.stdout + p.stderr
 

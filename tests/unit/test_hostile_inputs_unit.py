@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ def cli(*argv: str, code: int, needles: tuple[str, ...] = (), cwd: Path = ROOT) 
         capture_output=True,
         text=True,
         timeout=120,
-        env={"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu", "HF_DATASETS_OFFLINE": "1"},
+        env={"PATH": os.environ["PATH"], "DS_ACCELERATOR": "cpu", "HF_DATASETS_OFFLINE": "1"},
     )
     err = run.stderr
     assert run.returncode == code, (run.returncode, run.stdout[-2000:], err[-3000:])
