@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from data_prep.base.errors import DataPrepError
+from data_prep.base.output_guard import guard_outputs, output_option
 
 
 def _corpus_args(p: argparse.ArgumentParser) -> None:
@@ -195,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("wikitext", help="WikiText → tokenizer, indexed datasets and a manifest")
-    p.add_argument("--out-dir", help="output directory")
+    output_option(p, "--out-dir", kind="dir", registry=parser, help="output directory")
     p.add_argument(
         "--name",
         default="wikitext-2",
@@ -209,9 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--cache-dir", help="datasets cache directory")
-    p.add_argument(
+    output_option(p, "--cache-dir", kind="dir", registry=parser, help="datasets cache directory")
+    output_option(
+        p,
         "--export-hub-layout",
+        kind="dir",
+        registry=parser,
         metavar="DIR",
         help="instead: write the splits to DIR in the hub's parquet layout",
     )
@@ -220,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-tokenizer", help="train a SentencePiece model on corpora")
     _corpus_args(p)
-    p.add_argument("--out", required=True, help="model prefix: writes PREFIX.model/.vocab/.json")
+    output_option(p, "--out", kind="file", registry=parser, required=True,
+                  help="model prefix: writes PREFIX.model/.vocab/.json")  # fmt: skip
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument(
@@ -248,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenize", help="corpora → {out}/{name}_text_document.{bin,idx}")
     _corpus_args(p)
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model")
-    p.add_argument("--out-dir", required=True)
+    output_option(p, "--out-dir", kind="dir", registry=parser, required=True)
     p.add_argument("--workers", type=int, default=2, help="encoder processes (0 = in-process)")
     p.add_argument("--shard-chars", type=int, default=2_000_000, help="characters per shard")
     p.add_argument(
@@ -261,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("blend", help="write a manifest of (prefix, weight) per split")
     p.add_argument("--tokenizer", required=True)
-    p.add_argument("--out", required=True, help="manifest JSON path")
+    output_option(p, "--out", kind="file", registry=parser, required=True,
+                  help="manifest JSON path")  # fmt: skip
     p.add_argument("--corpus", nargs="+", metavar="PREFIX[:WEIGHT]", help="one blend (+ --split)")
     p.add_argument("--split", help="megatron split string, e.g. 949,50,1")
     for split in ("train", "valid", "test"):
@@ -283,21 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_outputs(args: argparse.Namespace) -> None:
-    """Refuse output paths inside a run/checkpoint dir, under a regular file or of the wrong
-    kind, before any command writes anything (``data_prep.base.output_guard``)."""
-    from data_prep.base.output_guard import check_output
-
-    for option, kind in (("out_dir", "dir"), ("export_hub_layout", "dir"), ("out", "file")):
-        value = getattr(args, option, None)
-        if value:
-            check_output(value, f"--{option.replace('_', '-')}", kind)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        check_outputs(args)
+        guard_outputs(parser, args)  # before any command writes anything
         args.func(args)
     except DataPrepError as e:
         print(f"error: {e}", file=sys.stderr)

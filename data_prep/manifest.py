@@ -121,7 +121,9 @@ class Manifest:
     # ------------------------------------------------------------------------------ checks
     def check_files(self) -> None:
         """Every dataset's ``.idx`` parses and its ``.bin`` has exactly the bytes the index
-        describes (a truncated or padded ``.bin`` is a ``DataPrepError`` naming it)."""
+        describes (a truncated or padded ``.bin`` is a ``DataPrepError`` naming it), and was
+        made with this manifest's tokenizer (:meth:`check_dataset_tokenizers`)."""
+        self.check_dataset_tokenizers()
         for entry in dict.fromkeys(self.entries()):
             index = read_index(f"{entry.prefix}.idx")
             binary = Path(f"{entry.prefix}.bin")
@@ -133,6 +135,28 @@ class Manifest:
                     f"{binary} has {size:,} bytes but {entry.prefix}.idx describes {expected:,} "
                     f"({'truncated' if size < expected else 'extra bytes'}): rebuild it with "
                     "python -m data_prep tokenize"
+                )
+
+    def check_dataset_tokenizers(self) -> None:
+        """A dataset that records the tokenizer it was made with (``PREFIX.stats.json``, written
+        by ``data_prep tokenize``) must have been made with this manifest's: the same ids would
+        mean other text (``DataPrepError`` naming the dataset and both tokenizers)."""
+        mine = SentencePieceTokenizer(self.tokenizer_model).sha256
+        for entry in dict.fromkeys(self.entries()):
+            stats = Path(f"{entry.prefix}.stats.json")
+            if not stats.is_file():
+                continue
+            try:
+                made = json.loads(stats.read_text())["identity"]["tokenizer_sha256"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # no record of the tokenizer: nothing to compare
+            if made != mine:
+                raise DataPrepError(
+                    f"dataset {entry.prefix} was tokenized with a tokenizer of sha256 "
+                    f"{made[:16]}… ({stats.name}), but this manifest's tokenizer "
+                    f"{self.tokenizer_model} has sha256 {mine[:16]}…: its ids would mean other "
+                    f"text. Tokenize it again with --tokenizer {self.tokenizer_model}, or blend it "
+                    "with the tokenizer it was made with"
                 )
 
     def check_nonempty(self) -> None:
@@ -216,6 +240,7 @@ class Manifest:
     def save(self, path: str | Path, *, check: bool = True) -> Path:
         """Write the manifest (after :meth:`check_nonempty` unless ``check=False``)."""
         path = Path(path).resolve()
+        self.check_dataset_tokenizers()
         if check:
             self.check_nonempty()
         content = self.to_json(path.parent)

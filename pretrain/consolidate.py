@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from data_prep.base.output_guard import guard_outputs, output_option
 from data_prep.base.run_command import run_cli
 
 DTYPE_NAMES = ("bf16", "fp32")
@@ -55,7 +56,7 @@ def check_out(out: str | Path) -> None:
             ) from None
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pretrain.consolidate",
         description=__doc__,
@@ -63,16 +64,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoint root or step_* dir")
     p.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
-    p.add_argument("--out", required=True, type=Path, help="output file (e.g. model.pt)")
+    output_option(p, "--out", kind="file", required=True, type=Path,
+                  help="output file (e.g. model.pt)")  # fmt: skip
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
 
     def body() -> int:
-        from data_prep.base.errors import CheckpointError
+        from data_prep.base.errors import CheckpointError, ConfigError
+
+        guard_outputs(parser, args, ConfigError)
         from pretrain.checkpoint.consolidated import is_consolidated, load
         from pretrain.checkpoint.reader import open_checkpoint
 

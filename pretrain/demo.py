@@ -25,9 +25,11 @@ from pretrain.local_launch import launch
 from pretrain.train_config import load_config
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m pretrain.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument(
@@ -37,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     cfg = load_config(args.config, args.overrides)
     from data_prep.prepare_wikitext import prepare_wikitext

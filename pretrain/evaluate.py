@@ -21,10 +21,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from data_prep.base.output_guard import guard_outputs, output_option
 from data_prep.base.run_command import run_cli
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pretrain.evaluate",
         description=__doc__,
@@ -72,21 +73,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=False,
         help="also report each layer's mean attention entropy (costs one more QKᵀ per layer)",
     )
-    p.add_argument("--out", type=Path, help="results JSON (default: <run>/eval/<tag>-<data>.json)")
-    p.add_argument("--png", type=Path, help="over-smoothing plot (default: beside --out)")
-    p.add_argument(
-        "--tensorboard", type=Path, help="TensorBoard dir (default: <run>/tensorboard/eval)"
-    )
+    output_option(p, "--out", kind="file", allow_in_run=("eval",), type=Path,
+                  help="results JSON (default: <run>/eval/<tag>-<data>.json)")  # fmt: skip
+    output_option(p, "--png", kind="file", allow_in_run=("eval",), type=Path,
+                  help="over-smoothing plot (default: beside --out)")  # fmt: skip
+    output_option(p, "--tensorboard", kind="dir", allow_in_run=("tensorboard",), type=Path,
+                  help="TensorBoard dir (default: <run>/tensorboard/eval)")  # fmt: skip
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
 
     def body() -> int:
+        from data_prep.base.errors import ConfigError
         from pretrain.evaluation.checks import check_args
 
+        guard_outputs(parser, args, ConfigError)
         check_args(args)  # before torch loads: bad numbers, --tokenizer, unsafe --out
         from pretrain.evaluation.driver import run, summary, write_outputs
         from pretrain.parallel.distributed import shutdown

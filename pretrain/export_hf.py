@@ -45,12 +45,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from data_prep.base.output_guard import guard_outputs, output_option
 from data_prep.base.run_command import run_cli
 
 DTYPE_NAMES = ("bf16", "fp32")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pretrain.export_hf",
         description=__doc__,
@@ -60,23 +61,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--checkpoint", required=True, help="run dir, checkpoint root, step_* dir or model.pt"
     )
     p.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
-    p.add_argument("--out", required=True, type=Path, help="output directory (replaced)")
+    output_option(p, "--out", kind="dir", required=True, type=Path,
+                  help="output directory (an earlier export there is replaced)")  # fmt: skip
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     p.add_argument(
         "--arch",
         default="auto",
         help="auto (stock Llama/GPT-2 when it fits, else custom code), llama, gpt2 or twicing",
     )
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
 
     def body() -> int:
         from data_prep.base.errors import ConfigError
         from pretrain.export.output import check_export_dir
 
+        guard_outputs(parser, args, ConfigError)
         check_export_dir(args.out)  # before anything loads or is written
         from pretrain.checkpoint.reader import open_checkpoint
         from pretrain.export.hf_export import export

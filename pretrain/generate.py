@@ -28,10 +28,11 @@ import time
 from pathlib import Path
 
 from data_prep.base.errors import ConfigError
+from data_prep.base.output_guard import guard_outputs, output_option
 from data_prep.base.run_command import run_cli
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pretrain.generate",
         description=__doc__,
@@ -58,8 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--prefill-chunk", type=int, help="prefill prompts in chunks of N tokens")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
-    p.add_argument("--out", type=Path, help="write one JSON object per prompt (JSONL)")
-    return p.parse_args(argv)
+    output_option(p, "--out", kind="file", allow_in_run=("eval",), type=Path,
+                  help="write one JSON object per prompt (JSONL)")  # fmt: skip
+    return p
 
 
 def prompts_of(args: argparse.Namespace) -> list[str]:
@@ -68,7 +70,15 @@ def prompts_of(args: argparse.Namespace) -> list[str]:
     if args.prompt_file is not None:
         if not args.prompt_file.is_file():
             raise ConfigError(f"--prompt-file {args.prompt_file} does not exist")
-        lines = args.prompt_file.read_text(encoding="utf-8").splitlines()
+        data = args.prompt_file.read_bytes()
+        try:
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"--prompt-file {args.prompt_file} is not UTF-8 text: byte 0x{data[e.start]:02x} "
+                f"at offset {e.start} cannot be decoded ({e.reason}); save it as UTF-8 (e.g. "
+                f"iconv -f latin1 -t utf-8 {args.prompt_file})"
+            ) from None
         prompts += [line for line in lines if line.strip()]
     if not prompts:
         raise ConfigError("no prompt given: use --prompt TEXT or --prompt-file FILE")
@@ -174,9 +184,11 @@ def run(args: argparse.Namespace) -> tuple[int, list[dict], dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
 
     def body() -> int:
+        guard_outputs(parser, args, ConfigError)  # before anything loads or is written
         rank, records, totals = run(args)
         if rank == 0:
             for i, r in enumerate(records, start=1):

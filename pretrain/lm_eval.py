@@ -28,13 +28,14 @@ import sys
 from pathlib import Path
 
 from data_prep.base.errors import ConfigError
+from data_prep.base.output_guard import guard_outputs, output_option
 from data_prep.base.run_command import run_cli
 
 #: the offline task YAMLs shipped with the project
 TASKS_DIR = Path(__file__).resolve().parents[1] / "configs" / "lm_eval"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pretrain.lm_eval",
         description=__doc__,
@@ -62,13 +63,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="lm-eval's bootstrap resamples for standard errors (0 = none)",
     )
     p.add_argument("--log-samples", action="store_true", help="keep per-request samples")
-    p.add_argument("--out", type=Path, help="write lm-eval's results JSON here")
+    output_option(p, "--out", kind="file", allow_in_run=("eval",), type=Path,
+                  help="write lm-eval's results JSON here")  # fmt: skip
     p.add_argument(
         "--install-plugin",
         action="store_true",
         help="make the stock `lm_eval --model twicing` work in this Python (writes a .pth)",
     )
-    return p.parse_args(argv)
+    return p
 
 
 def check_args(args: argparse.Namespace) -> list[Path]:
@@ -88,9 +90,12 @@ def check_args(args: argparse.Namespace) -> list[Path]:
     return dirs
 
 
-def check_task_files(dirs: list[Path]) -> None:
-    """Every task YAML must parse (lm-eval's index silently skips one that does not)."""
+def check_task_files(dirs: list[Path]) -> dict[str, tuple[Path, dict]]:
+    """Every task YAML must parse (lm-eval's index silently skips one that does not); returns
+    ``{task name: (file, config)}``."""
     import yaml
+
+    tasks: dict[str, tuple[Path, dict]] = {}
 
     class Loader(yaml.SafeLoader):
         pass
@@ -104,6 +109,39 @@ def check_task_files(dirs: list[Path]) -> None:
                 raise ConfigError(f"task file {f} does not parse: {e}") from None
             if not isinstance(cfg, dict):
                 raise ConfigError(f"task file {f} is not a YAML mapping (got {type(cfg).__name__})")
+            if isinstance(cfg.get("task"), str):
+                tasks[cfg["task"]] = (f, cfg)
+    return tasks
+
+
+def check_task_data(names: list[str], tasks: dict[str, tuple[Path, dict]]) -> None:
+    """The local files a requested task's ``dataset_kwargs.data_files`` names must exist
+    (``datasets`` would fail with a traceback deep inside lm-eval): ``ConfigError`` naming the
+    task, its YAML and the missing file. Patterns are globbed; relative paths are tried from the
+    working directory, the task's directory and a local ``dataset_path``."""
+    import glob
+
+    for name in names:
+        if name not in tasks:
+            continue
+        f, cfg = tasks[name]
+        kwargs = cfg.get("dataset_kwargs") or {}
+        files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
+        if isinstance(files, dict):
+            files = [x for v in files.values() for x in (v if isinstance(v, list) else [v])]
+        elif isinstance(files, str):
+            files = [files]
+        bases = [Path.cwd(), f.parent]
+        if isinstance(cfg.get("dataset_path"), str) and Path(cfg["dataset_path"]).is_dir():
+            bases.append(Path(cfg["dataset_path"]))
+        for pattern in files or []:
+            if not isinstance(pattern, str) or "://" in pattern:
+                continue
+            if not any(glob.glob(str(base / pattern)) for base in bases):
+                raise ConfigError(
+                    f"lm-eval task {name!r} ({f}): dataset_kwargs.data_files names {pattern!r}, "
+                    f"which does not exist (looked in {', '.join(str(b) for b in bases)})"
+                )
 
 
 def task_manager(names: list[str], dirs: list[Path]):
@@ -130,10 +168,11 @@ def task_manager(names: list[str], dirs: list[Path]):
 def run(args: argparse.Namespace) -> tuple[int, dict]:
     """Evaluate; ``(rank, lm-eval's results dict)``."""
     dirs = check_args(args)
-    check_task_files(dirs)
+    tasks = check_task_files(dirs)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         raise ConfigError(f"--tasks {args.tasks!r} names no task")
+    check_task_data(names, tasks)
     try:
         import lm_eval
     except ImportError as e:
@@ -162,6 +201,8 @@ def run(args: argparse.Namespace) -> tuple[int, dict]:
             torch_random_seed=args.seed,
             fewshot_random_seed=args.seed,
         )
+    except FileNotFoundError as e:  # a data file that only lm-eval's own task code names
+        raise ConfigError(f"--tasks {args.tasks}: a task's data file is missing: {e}") from None
     except ConnectionError as e:  # a hub dataset of a standard task, offline
         raise ConfigError(
             f"--tasks {args.tasks}: a task's dataset is not reachable: {e}. Offline, populate "
@@ -171,9 +212,11 @@ def run(args: argparse.Namespace) -> tuple[int, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
 
     def body() -> int:
+        guard_outputs(parser, args, ConfigError)  # before anything loads or is written
         if args.install_plugin:
             from pretrain.evaluation.lm_eval_plugin import install
 

@@ -26,7 +26,7 @@ from data_prep.base.run_command import run_cli  # noqa: E402
 from pretrain.train_config import TrainConfig, load_config  # noqa: E402
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pretrain.train",
         description=__doc__,
@@ -42,14 +42,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 def prepare(cfg: TrainConfig):
     """Everything that can fail on bad input, before any process-group work."""
+    from data_prep.base.errors import ConfigError
+    from data_prep.base.output_guard import check_run_dir
     from pretrain.parallel.launch_env import launch_env
     from pretrain.training.data import load_data
 
+    check_run_dir(cfg.run_dir, "config key 'run_dir':", ConfigError)
     env = launch_env()
     cfg.data_parallel_size(env.world_size)
     tokenizer, blend = load_data(cfg)
@@ -68,7 +71,7 @@ def train(cfg: TrainConfig, env, tokenizer, blend) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     def body() -> int:
         cfg = load_config(args.config, args.overrides)

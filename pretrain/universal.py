@@ -10,7 +10,7 @@ import sys
 from data_prep.base.run_command import run_cli
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pretrain.universal", description=__doc__)
     p.add_argument("checkpoint", help="run dir, checkpoint root or step_* dir")
     p.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
@@ -21,11 +21,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="let DeepSpeed unpickle the files without the weights_only allow-list (code in a "
         "tampered file would run); only for checkpoints you wrote yourself",
     )
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     def body() -> int:
         from pretrain.checkpoint.reader import resolve

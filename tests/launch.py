@@ -105,3 +105,20 @@ def run(
         )
         raise AssertionError(f"{' '.join(argv)} failed:\n{tails}")
     return results
+
+
+def run_command(
+    argv: Sequence[str], env: dict[str, str], *, cwd: Path | str = ROOT, timeout: float = 300
+) -> tuple[int, str]:
+    """One process of ``python argv`` with exactly ``env``; ``(exit code, stdout + stderr)``."""
+    if forkserver.enabled():
+        rank = forkserver.Rank(list(argv), env, cwd, _scratch_log(), keep_log=False)
+        try:
+            out, _ = rank.communicate(timeout=timeout)
+        finally:
+            rank.kill()
+        return rank.returncode, out  # type: ignore[return-value]
+    p = subprocess.run(
+        [sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    return p.returncode, p.stdout + p.stderr

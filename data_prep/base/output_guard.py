@@ -1,19 +1,22 @@
 """Output paths that must not be written: a training run, its checkpoints, or their insides.
 
-Shared by every command that writes user-named outputs (``data_prep --out-dir``/``--out``,
-``pretrain.export_hf --out``, ``pretrain.consolidate --out``, ``pretrain.evaluate --out``), so an
-output path that *is*, *contains* or *lies inside* a run or checkpoint directory is refused
-before anything is written (``export_hf`` used to replace its output directory wholesale). A
-path under a regular file, or of the wrong kind (a directory where a file is written, or the
-reverse), is refused too. Lives in data_prep because data_prep imports nothing of ``pretrain``.
+Every command declares its user-named outputs with :func:`output_option` (instead of a plain
+``add_argument``) and calls :func:`guard_outputs` before it writes or loads anything, so an output
+path that *is*, *contains* or *lies inside* a run or checkpoint directory is refused (a run's
+``eval/`` or ``tensorboard/`` may be allowed for results that belong there). A path under a
+regular file, or of the wrong kind (a directory where a file is written, or the reverse), is
+refused too. ``tests/unit/test_hostile_inputs_unit.py`` enumerates every command's parser and
+checks that each output option is declared this way and refuses a run's insides.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from data_prep.base.errors import DataPrepError
 
@@ -73,10 +76,13 @@ def check_output(
     *,
     error: type[Exception] = DataPrepError,
     allow_eval_dir: bool = False,
+    allow_in_run: tuple[str, ...] = (),
 ) -> Path:
     """Raise ``error`` (naming ``what``, e.g. ``--out``, and the path) unless ``path`` is a safe
-    place to write a ``kind``; returns it. ``allow_eval_dir``: a run's ``eval/`` subdirectory
-    (where evaluation results go by default) is allowed."""
+    place to write a ``kind``; returns it. ``allow_in_run``: subdirectories of a run directory
+    that may hold this output (``allow_eval_dir``: ``("eval",)``, where evaluation results go by
+    default)."""
+    allowed = set(allow_in_run) | ({"eval"} if allow_eval_dir else set())
     given = Path(path)
     out = given.resolve()
     if out.exists():
@@ -92,17 +98,17 @@ def check_output(
         found = protected_kind(ancestor)
         if found is None:
             continue
-        in_eval = i > 0 and chain[i - 1].name == "eval"
-        if allow_eval_dir and found == "run directory" and in_eval:
+        below = chain[i - 1].name if i > 0 else None
+        if found == "run directory" and below in allowed:
             continue
         where = "is" if ancestor == out else "lies inside"
+        hint = ", ".join(f"{ancestor}/{d}/" for d in sorted(allowed))
         raise error(
             f"{what} {given} {where} the {found} {ancestor}: refusing to write there (it could "
             "overwrite or delete training outputs); choose a path outside it"
             + (
-                f", or inside its eval/ subdirectory ({ancestor}/eval/…), which holds only "
-                "evaluation results"
-                if allow_eval_dir and found == "run directory"
+                f", or inside its own results subdirectory ({hint}…)"
+                if allowed and found == "run directory"
                 else ""
             )
         )
@@ -114,3 +120,86 @@ def check_output(
                 "choose a new, empty directory"
             )
     return given
+
+
+def check_run_dir(
+    path: str | os.PathLike, what: str = "run_dir", error: type[Exception] = DataPrepError
+) -> Path:
+    """Raise ``error`` unless ``path`` can be a training run's directory: new, empty, or an
+    earlier run (which resumes). Refused: an existing file, a path under a regular file, a
+    checkpoint or checkpoint directory given in place of its run, and a path inside another
+    run's or checkpoint directory."""
+    given = Path(path)
+    out = given.resolve()
+    if out.exists() and not out.is_dir():
+        raise error(
+            f"{what} {given} is an existing file, not a directory: give a new directory or the "
+            "directory of an earlier run (to resume it)"
+        )
+    for ancestor in out.parents:
+        if ancestor.exists() and not ancestor.is_dir():
+            raise error(f"{what} {given}: {ancestor} is a regular file, not a directory")
+    kind = protected_kind(out)
+    if kind in ("checkpoint", "checkpoint directory"):
+        raise error(
+            f"{what} {given} is a {kind}, not a run directory: give the run directory that "
+            f"holds it ({out.parent if kind == 'checkpoint directory' else out.parent.parent})"
+        )
+    for ancestor in out.parents:
+        kind = protected_kind(ancestor)
+        if kind is not None:
+            raise error(
+                f"{what} {given} lies inside the {kind} {ancestor}: a run there would write "
+                "among its files; choose a directory outside it"
+            )
+    return given
+
+
+@dataclass(frozen=True)
+class OutputOption:
+    """An output path option of a command: its flag, where argparse stores it, what it is."""
+
+    flag: str
+    dest: str
+    kind: Literal["file", "dir"]
+    allow_in_run: tuple[str, ...] = ()
+
+
+def output_option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    *,
+    kind: Literal["file", "dir"],
+    allow_in_run: tuple[str, ...] = (),
+    registry: argparse.ArgumentParser | None = None,
+    **kwargs: Any,
+) -> argparse.Action:
+    """``parser.add_argument(flag, **kwargs)`` for an output path, recorded on ``registry``
+    (default: ``parser``; a subcommand's parser records on its top parser) so that
+    :func:`guard_outputs` checks it."""
+    action = parser.add_argument(flag, **kwargs)
+    owner = registry if registry is not None else parser
+    options = owner.__dict__.setdefault("output_options", [])
+    option = OutputOption(flag, action.dest, kind, allow_in_run)
+    if option not in options:
+        options.append(option)
+    return action
+
+
+def declared_outputs(parser: argparse.ArgumentParser) -> list[OutputOption]:
+    """The output options :func:`output_option` recorded on ``parser``."""
+    return list(parser.__dict__.get("output_options", []))
+
+
+def guard_outputs(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    error: type[Exception] = DataPrepError,
+) -> None:
+    """Refuse (``error``) any given output path of ``args`` that :func:`check_output` refuses;
+    call it before anything is loaded or written."""
+    for option in declared_outputs(parser):
+        value = getattr(args, option.dest, None)
+        if value:
+            check_output(value, option.flag, option.kind, error=error,
+                         allow_in_run=option.allow_in_run)  # fmt: skip

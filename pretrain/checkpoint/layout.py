@@ -114,17 +114,31 @@ def complete_tags(root: Path) -> list[str]:
 def latest_complete(root: Path) -> str | None:
     """The tag ``latest`` names if it is complete, else the newest complete tag, else None.
 
-    ``latest`` must hold an exact tag: anything else (``../../other-run/checkpoints/step_N``)
-    is a ``CheckpointError`` naming the file, never followed."""
+    An empty ``latest`` and one naming a step that is not complete (a save killed before its
+    marker, a pruned step) both fall back to the newest complete tag, with a warning: neither
+    can point outside the run. Anything else that is not an exact tag
+    (``../../other-run/checkpoints/step_N``) is a ``CheckpointError`` naming the file, never
+    followed."""
     pointer = root / LATEST
+    tags = complete_tags(root)
+    newest = f"the newest complete one, {tags[-1]}" if tags else "none is complete"
     if pointer.is_file():
         try:
-            tag = check_tag(pointer.read_text().strip(), pointer)
+            text = pointer.read_text().strip()
         except UnicodeDecodeError:
             raise CheckpointError(f"{pointer}: not a text file naming a tag") from None
-        if (root / tag / MARKER).is_file() and not (root / tag).is_symlink():
-            return tag
-    tags = complete_tags(root)
+        if not text:
+            print(f"warning: {pointer} is empty; using {newest}", file=sys.stderr, flush=True)
+        else:
+            tag = check_tag(text, pointer)
+            if (root / tag / MARKER).is_file() and not (root / tag).is_symlink():
+                return tag
+            print(
+                f"warning: {pointer} names {tag}, which is not a complete checkpoint; using "
+                f"{newest}",
+                file=sys.stderr,
+                flush=True,
+            )
     return tags[-1] if tags else None
 
 

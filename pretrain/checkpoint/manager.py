@@ -39,7 +39,7 @@ from pretrain.checkpoint.layout import (
     verify_files,
 )
 from pretrain.checkpoint.resume import plan_resume
-from pretrain.checkpoint.state import Topology, TrainerState
+from pretrain.checkpoint.state import TokenizerInfo, Topology, TrainerState
 from pretrain.parallel.deepspeed_compat import (
     fix_zero3_universal_load,
     route_save_writes,
@@ -346,16 +346,24 @@ class CheckpointManager:
             raise CheckpointError(value)
         return value
 
-    def resume(self, engine, model_config: dict[str, Any], here: Topology) -> Loaded | None:
+    def resume(
+        self,
+        engine,
+        model_config: dict[str, Any],
+        here: Topology,
+        tokenizer: tuple[TokenizerInfo, str] | None = None,
+    ) -> Loaded | None:
         """Restore the latest complete checkpoint into ``engine`` for a run with
-        ``model_config`` at layout ``here``: as it is, through a universal conversion
-        (``checkpoint.reshard``), or refused (``CheckpointError``); None when there is none."""
+        ``model_config`` at layout ``here`` (and ``tokenizer``: this run's, and where it comes
+        from): as it is, through a universal conversion (``checkpoint.reshard``), or refused
+        (``CheckpointError``: another model shape or tokenizer, an unsupported layout change);
+        None when there is none."""
         tag = self.latest()
         if tag is None:
             return None
         state = read_state(self.root / tag)
         # decided before DeepSpeed reads any shard
-        if plan_resume(state, model_config, here, self.cfg.reshard):
+        if plan_resume(state, model_config, here, self.cfg.reshard, tokenizer):
             return self.load_resharded(engine, tag, state)
         loaded = self.load(engine, tag, state)
         if state.topology != here:  # e.g. ZeRO-0 at another DP: other ranks' RNG states

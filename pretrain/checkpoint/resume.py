@@ -5,14 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from data_prep.base.errors import CheckpointError
-from pretrain.checkpoint.state import Topology, TrainerState
+from pretrain.checkpoint.state import TokenizerInfo, Topology, TrainerState
 
 
 def plan_resume(
-    state: TrainerState, model_config: dict[str, Any], here: Topology, reshard: bool
+    state: TrainerState,
+    model_config: dict[str, Any],
+    here: Topology,
+    reshard: bool,
+    tokenizer: tuple[TokenizerInfo, str] | None = None,
 ) -> bool:
-    """Raise unless ``state`` can resume a run with ``model_config`` at ``here``; True when its
-    shards must be converted (``checkpoint.reshard=true``) first."""
+    """Raise unless ``state`` can resume a run with ``model_config`` at ``here`` (and, when
+    given, ``tokenizer``: this run's tokenizer and where it comes from); True when its shards
+    must be converted (``checkpoint.reshard=true``) first."""
+    if tokenizer is not None:
+        check_same_tokenizer(state, *tokenizer)
     saved_model = state.model_config
     diff = sorted(
         k for k in set(saved_model) | set(model_config) if saved_model.get(k) != model_config.get(k)
@@ -71,3 +78,18 @@ def check_supported(saved: Topology, here: Topology) -> bool:
             )
         )
     return True
+
+
+def check_same_tokenizer(state: TrainerState, mine: TokenizerInfo, source: str) -> None:
+    """Refuse (``CheckpointError``) to resume a checkpoint trained on another tokenizer: the
+    same ids would mean other text."""
+    saved = state.tokenizer
+    if saved.sha256 == mine.sha256:
+        return
+    raise CheckpointError(
+        f"checkpoint was trained with tokenizer sha256 {saved.sha256[:16]}… (vocabulary "
+        f"{saved.vocab_size}, saved as {saved.file} in the step directory), but this run's "
+        f"tokenizer is {source} with sha256 {mine.sha256[:16]}… (vocabulary {mine.vocab_size}): "
+        "the same token ids would mean other text. Resume with the data.manifest the run was "
+        "trained with (or one made with its tokenizer)"
+    )

@@ -10,10 +10,9 @@ from data_prep.base.errors import ConfigError
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse bad numbers, a missing ``--tokenizer`` and unsafe output paths before anything is
-    loaded or written (``ConfigError`` naming the option and the value)."""
-    from data_prep.base.output_guard import check_output
-
+    """Refuse bad numbers, a missing ``--tokenizer`` and an ``--out`` that is not an earlier
+    result before anything is loaded or written (``ConfigError`` naming the option and the
+    value; the output paths themselves are guarded by ``output_guard.guard_outputs``)."""
     for option in ("batch_size", "stride", "length", "max_documents"):
         value = getattr(args, option, None)
         if value is not None and value < 1:
@@ -25,11 +24,6 @@ def check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--swap-rates {rate} is not in [0, 1]")
     if args.tokenizer is not None and not Path(args.tokenizer).is_file():
         raise ConfigError(f"--tokenizer {args.tokenizer} does not exist (or is not a file)")
-    for option in ("out", "png"):
-        if getattr(args, option, None) is not None:
-            check_output(
-                getattr(args, option), f"--{option}", "file", error=ConfigError, allow_eval_dir=True
-            )
     if args.out is not None and Path(args.out).is_file():
         try:
             previous = json.loads(Path(args.out).read_text())

@@ -107,7 +107,8 @@ class Trainer:
         """Take over the latest complete checkpoint's state, as the checkpoint package decides
         (as it is, resharded, or refused)."""
         here = self._topology()
-        loaded = self.checkpoints.resume(self.engine, self.cfg.to_dict()["model"], here)
+        mine = (self._tokenizer_info(), f"{self.tokenizer.model_path} (data.manifest)")
+        loaded = self.checkpoints.resume(self.engine, self.cfg.to_dict()["model"], here, mine)
         if loaded is None:
             self.metrics.print(
                 f"[train] no checkpoint in {self.cfg.checkpoint_dir}; starting fresh"
@@ -129,6 +130,11 @@ class Trainer:
             f"[train] resumed from {loaded.tag}: step {self.step}, {self.consumed_samples} samples"
             + (how if state.topology != here else "")
         )
+
+    def _tokenizer_info(self) -> TokenizerInfo:
+        """What a checkpoint records of this run's tokenizer."""
+        t = self.tokenizer
+        return TokenizerInfo(TOKENIZER_FILE, t.sha256, t.vocab_size, t.eod)
 
     def _topology(self) -> Topology:
         return Topology(
@@ -384,12 +390,7 @@ class Trainer:
             topology=self._topology(),
             tp_layout=self.layout,
             versions=library_versions(),
-            tokenizer=TokenizerInfo(
-                file=TOKENIZER_FILE,
-                sha256=self.tokenizer.sha256,
-                vocab_size=self.tokenizer.vocab_size,
-                eod=self.tokenizer.eod,
-            ),
+            tokenizer=self._tokenizer_info(),
         )
         t0 = time.perf_counter()
         files = {TOKENIZER_FILE: self.tokenizer.model_path}

@@ -17,14 +17,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from launch import ROOT
+from launch import run_command
 from pretrain_runs import finish, metrics, output, signal_all, start, train, wait_for
 
 #: files a start may (re)write in a run dir without touching what was written before
@@ -61,15 +60,8 @@ def clean(rc_out: tuple[int, str], code: int, *needles: str) -> str:
 
 def command(*argv: str, timeout: float = 300) -> tuple[int, str]:
     """One process of ``python argv`` (no launcher environment); (exit code, stdout+stderr)."""
-    p = subprocess.run(
-        [sys.executable, *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={"PATH": os.environ["PATH"], "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
-    )
-    return p.returncode, p.stdout + p.stderr
+    env = {"PATH": os.environ["PATH"], "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    return run_command(list(argv), env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -329,3 +321,167 @@ def test_a_truncated_bin_is_found_by_check_and_refused_by_training(wikitext_mani
     clean(command("-m", "data_prep", "check", str(manifest)), 2, bad_json)
     clean(train(run_dir, manifest, 1, "training.train_steps=2", check=False)[0], 2, bad_json)
     assert not run_dir.exists()
+
+
+# ------------------------------------------------------------------------------ round two
+def test_generate_and_lm_eval_refuse_an_out_over_the_checkpoint_pointer(base_run, tmp_path):
+    """Before: both wrote their JSON(L) over ``checkpoints/latest`` (exit 0)."""
+    run_dir = copy_run(base_run, tmp_path / "run")
+    pointer = run_dir / "checkpoints" / "latest"
+    before = digest(run_dir)
+    for argv in (
+        ["-m", "pretrain.generate", "--checkpoint", str(run_dir), "--prompt", "The"],
+        ["-m", "pretrain.lm_eval", "--checkpoint", str(run_dir), "--tasks", "twicing_wikitext_mc"],
+    ):
+        clean(command(*argv, "--out", str(pointer)), 2, f"--out {pointer} lies inside the")
+        assert_unchanged(run_dir, before)
+    assert pointer.read_text() == "step_00000004"
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_manifest(tmp_path_factory) -> Path:
+    """WikiText-2 tokenized with another tokenizer (a 512-piece BPE)."""
+    from conftest import need_shared
+
+    from data_prep.prepare_wikitext import prepare_wikitext
+
+    out = tmp_path_factory.mktemp("wikitext2-512")
+    source = need_shared("data", "wikitext")
+    return prepare_wikitext(out, name="wikitext-2", source=source, vocab_size=512, progress=False)
+
+
+def test_resuming_on_another_tokenizer_is_refused_naming_both(
+    base_run, other_tokenizer_manifest, wikitext_manifest, tmp_path
+):
+    """Before: a run trained with the 1024-piece tokenizer resumed with a manifest of a
+    512-piece one and trained on to its last step (exit 0)."""
+    from data_prep.manifest import load_manifest
+
+    run_dir = copy_run(base_run, tmp_path / "run")
+    before = digest(run_dir)
+    theirs = load_manifest(other_tokenizer_manifest).tokenizer()
+    ours = load_manifest(wikitext_manifest).tokenizer()
+    out = clean(
+        train(run_dir, other_tokenizer_manifest, 1, "training.train_steps=6", check=False)[0],
+        4, f"tokenizer sha256 {ours.sha256[:16]}… (vocabulary 1024",
+        f"{theirs.model_path} (data.manifest) with sha256 {theirs.sha256[:16]}… (vocabulary 512)",
+    )  # fmt: skip
+    assert "step 5/6" not in out
+    assert_unchanged(run_dir, before)
+
+
+def test_blend_and_check_refuse_datasets_of_another_tokenizer(
+    wikitext_manifest, other_tokenizer_manifest, tmp_path
+):
+    """Before: ``blend --tokenizer B`` accepted datasets tokenized with tokenizer A."""
+    from data_prep.manifest import load_manifest
+
+    a = load_manifest(wikitext_manifest)
+    b_model = load_manifest(other_tokenizer_manifest).tokenizer_model
+    train_a = str(a.blend_per_split["train"][0].prefix)
+    out = tmp_path / "mixed.json"
+    clean(
+        command("-m", "data_prep", "blend", "--tokenizer", str(b_model), "--out", str(out),
+                "--train", train_a, "--valid", str(a.blend_per_split["valid"][0].prefix)),
+        2, f"dataset {train_a} was tokenized with a tokenizer of sha256",
+    )  # fmt: skip
+    assert not out.exists()
+    # A's manifest edited to name tokenizer B (absolute paths: it is written elsewhere)
+    mixed = json.loads(wikitext_manifest.read_text())
+    b_sha = load_manifest(other_tokenizer_manifest).tokenizer().sha256
+    mixed["tokenizer"].update(model=str(b_model), sha256=b_sha, vocab_size=512)
+    for entries in mixed["blend_per_split"].values():
+        for e in entries:
+            e["prefix"] = str((wikitext_manifest.parent / e["prefix"]).resolve())
+    out.write_text(json.dumps(mixed))
+    before = out.read_bytes()
+    clean(command("-m", "data_prep", "check", str(out)), 2, "was tokenized with a tokenizer of")
+    assert out.read_bytes() == before
+
+
+def test_a_run_dir_that_is_a_regular_file_is_refused(wikitext_manifest, tmp_path):
+    """Before: a FileExistsError traceback (exit 1)."""
+    target = tmp_path / "notes.txt"
+    target.write_text("my notes\n")
+    clean(
+        train(target, wikitext_manifest, 1, "training.train_steps=2", check=False)[0],
+        2, f"config key 'run_dir': {target} is an existing file, not a directory",
+    )  # fmt: skip
+    assert target.read_text() == "my notes\n"
+
+
+def test_a_latin1_prompt_file_is_refused_naming_the_byte(base_run, tmp_path):
+    """Before: a UnicodeDecodeError traceback."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("Caf\u00e9 society\n".encode("latin-1"))
+    run_dir = copy_run(base_run, tmp_path / "run")
+    before = digest(run_dir)
+    out = tmp_path / "out.jsonl"
+    clean(
+        command("-m", "pretrain.generate", "--checkpoint", str(run_dir), "--prompt-file",
+                str(prompts), "--out", str(out)),
+        2, f"--prompt-file {prompts} is not UTF-8 text: byte 0xe9 at offset 3",
+    )  # fmt: skip
+    assert not out.exists()
+    assert_unchanged(run_dir, before)
+
+
+def test_an_lm_eval_task_with_a_missing_data_file_is_refused(base_run, tmp_path):
+    """Before: a FileNotFoundError traceback from ``datasets``."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    missing = tmp_path / "nowhere" / "valid.jsonl"
+    (tasks / "local_json.yaml").write_text(
+        "task: local_json\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {missing}\n"
+        "output_type: loglikelihood_rolling\nvalidation_split: validation\n"
+        "doc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n"
+    )
+    run_dir = copy_run(base_run, tmp_path / "run")
+    before = digest(run_dir)
+    clean(
+        command("-m", "pretrain.lm_eval", "--checkpoint", str(run_dir), "--tasks", "local_json",
+                "--include-path", str(tasks)),
+        2, f"lm-eval task 'local_json' ({tasks / 'local_json.yaml'})", str(missing),
+    )  # fmt: skip
+    assert_unchanged(run_dir, before)
+
+
+def test_an_hf_model_with_an_unsafe_pickle_is_refused(base_run, tmp_path):
+    """Before: an UnpicklingError traceback (the payload did not run)."""
+    export = tmp_path / "hf"
+    clean(command("-m", "pretrain.export_hf", "--checkpoint", str(base_run), "--out",
+                  str(export)), 0)  # fmt: skip
+    weights = export / "model.safetensors"
+    from safetensors.torch import load_file
+
+    state = load_file(weights)
+    weights.unlink()
+    flag = tmp_path / "flag"
+    torch.save({**state, "extra": _Payload(flag)}, export / "pytorch_model.bin")
+    before = digest(export)
+    clean(
+        command("-m", "pretrain.evaluate", "--hf-model", str(export), "--data", "wikitext-2:valid",
+                "--max-documents", "1", "--out", str(tmp_path / "r.json")),
+        4, f"{export}/pytorch_model.bin: refused as unsafe to unpickle", "model.safetensors",
+    )  # fmt: skip
+    assert not flag.exists() and not (tmp_path / "r.json").exists()
+    assert digest(export) == before
+
+
+@pytest.mark.parametrize("pointer_text", ["", "step_00000009"], ids=["empty", "missing-step"])
+def test_an_empty_latest_falls_back_like_one_naming_a_missing_step(
+    base_run, wikitext_manifest, tmp_path, pointer_text
+):
+    """Before: an empty ``latest`` was refused (exit 4) while one naming a missing step fell
+    back; now both resume from the newest complete checkpoint with a warning."""
+    run_dir = copy_run(base_run, tmp_path / "run")
+    pointer = run_dir / "checkpoints" / "latest"
+    pointer.write_text(pointer_text)
+    out = clean(
+        train(run_dir, wikitext_manifest, 1, "training.train_steps=5", check=False)[0],
+        0, f"warning: {pointer}", "using the newest complete one, step_00000004",
+        "resumed from step_00000004: step 4",
+    )  # fmt: skip
+    assert "step 5/5" in out and pointer.read_text() == "step_00000005"

@@ -438,3 +438,115 @@ def test_wikitext103_valid_word_counts_of_both_conventions():
     text = EvalText("wt103", [a.text for a in load_articles("wikitext-103", "valid", source)])
     assert text.words == 213_886
     assert text.words + text.line_ends == 217_646
+
+
+# ------------------------------------------------------------------ every command's outputs
+#: every command of the project: its module and the parser it builds
+COMMANDS = {
+    "pretrain.train": "pretrain.train",
+    "pretrain.evaluate": "pretrain.evaluate",
+    "pretrain.generate": "pretrain.generate",
+    "pretrain.lm_eval": "pretrain.lm_eval",
+    "pretrain.export_hf": "pretrain.export_hf",
+    "pretrain.consolidate": "pretrain.consolidate",
+    "pretrain.universal": "pretrain.universal",
+    "pretrain.demo": "pretrain.demo",
+    "data_prep": "data_prep.cli",
+}
+#: top-level pretrain modules that are not commands with a parser of their own
+NOT_COMMANDS = {"pretrain.faults", "pretrain.train_config", "pretrain.local_launch"}
+#: options that name inputs although their names could suggest an output
+INPUTS = {"--include-path", "--checkpoint", "--hf-model", "--tokenizer", "--source",
+          "--wikitext", "--manifest", "--config", "--prompt-file"}  # fmt: skip
+#: (command, subcommand, flag) -> the rest of a command line that reaches the output check
+OUTPUT_CASES = {
+    ("pretrain.evaluate", None, "--out"): ["--checkpoint", "{run}"],
+    ("pretrain.evaluate", None, "--png"): ["--checkpoint", "{run}"],
+    ("pretrain.evaluate", None, "--tensorboard"): ["--checkpoint", "{run}"],
+    ("pretrain.generate", None, "--out"): ["--checkpoint", "{run}", "--prompt", "The"],
+    ("pretrain.lm_eval", None, "--out"): ["--checkpoint", "{run}", "--tasks", "twicing_wikitext"],
+    ("pretrain.export_hf", None, "--out"): ["--checkpoint", "{run}"],
+    ("pretrain.consolidate", None, "--out"): ["--checkpoint", "{run}"],
+    ("data_prep", "wikitext", "--out-dir"): ["wikitext"],
+    ("data_prep", "wikitext", "--export-hub-layout"): ["wikitext"],
+    ("data_prep", "wikitext", "--cache-dir"): ["wikitext", "--out-dir", "{fresh}"],
+    ("data_prep", "train-tokenizer", "--out"): ["train-tokenizer", "--corpus", "c={fresh}/c.txt"],
+    ("data_prep", "tokenize", "--out-dir"):
+        ["tokenize", "--corpus", "c={fresh}/c.txt", "--tokenizer", "{fresh}/t.model"],
+    ("data_prep", "blend", "--out"):
+        ["blend", "--tokenizer", "{fresh}/t.model", "--corpus", "{fresh}/p", "--split", "1"],
+}  # fmt: skip
+
+
+def _parsers():
+    """(command, subcommand, parser) for every parser of every command (subcommands too)."""
+    import argparse
+    import importlib
+
+    for command, module in COMMANDS.items():
+        top = importlib.import_module(module).build_parser()
+        yield command, None, top, top
+        for action in top._actions:  # argparse keeps subcommands here (stdlib, read-only)
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield command, name, sub, top
+
+
+def test_every_command_is_enumerated():
+    found = {f"pretrain.{p.stem}" for p in (ROOT / "pretrain").glob("*.py") if p.stem != "__init__"}
+    assert found - NOT_COMMANDS == set(COMMANDS) - {"data_prep"}
+
+
+def test_every_output_option_is_declared_and_has_a_case():
+    """Each option whose name suggests a path it writes is declared with ``output_option`` (so
+    ``guard_outputs`` checks it), and every declared one has a refusal case below."""
+    import re
+
+    from data_prep.base.output_guard import declared_outputs
+
+    looks_like_output = re.compile(r"out|png|tensorboard|export|save|cache|dir|path|log|result")
+    cases = set()
+    for command, sub, parser, top in _parsers():
+        declared = {o.dest for o in declared_outputs(top)}
+        for action in parser._actions:
+            flags = [f for f in action.option_strings if f.startswith("--")]
+            if not flags or flags[0] in INPUTS or action.nargs == 0:  # switches hold no path
+                continue
+            if action.dest in declared:
+                cases.add((command, sub, flags[0]))
+            else:
+                assert not looks_like_output.search(flags[0]), (
+                    f"{command} {sub or ''} {flags[0]}: declare it with output_option (or list "
+                    "it in INPUTS if it is read, not written)"
+                )
+    assert cases == set(OUTPUT_CASES)
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_CASES), ids=lambda c: " ".join(x for x in c if x))
+def test_every_output_option_refuses_a_run_and_its_insides(tmp_path, case):
+    """The real command, with the output pointed at a run's checkpoint pointer, its checkpoint
+    directory, a step directory, and a new path directly inside the run: exit 2 naming the
+    option, nothing written, the run byte for byte as it was."""
+    from data_prep.base.output_guard import declared_outputs
+
+    command, sub, flag = case
+    import importlib
+
+    top = importlib.import_module(COMMANDS[command]).build_parser()
+    kind = next(o.kind for o in declared_outputs(top) if o.flag == flag)
+    run = fake_run(tmp_path)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    ckpts = run / "checkpoints"
+    targets = (
+        [ckpts / "latest", ckpts / "step_00000004" / "x.json", run / "new.json"]
+        if kind == "file"
+        else [ckpts, ckpts / "step_00000004" / "sub", run / "newdir"]
+    )
+    before = tree_digest(run)
+    module = "data_prep" if command == "data_prep" else command
+    for target in targets:
+        rest = [a.format(run=run, fresh=fresh) for a in OUTPUT_CASES[case]]
+        cli("-m", module, *rest, flag, str(target), code=2, needles=(flag, "refusing to write"))
+        assert tree_digest(run) == before, target
+        assert not list(fresh.iterdir())
