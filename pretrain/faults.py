@@ -8,6 +8,10 @@
   parallel: that of the first rank of the last stage, where the loss is computed).
 - ``TWICING_FAULT_SAVE_ERROR=N[:RANK]``: the first N checkpoint-file writes of this process (of
   rank RANK only, when given) fail with an I/O error (a transient storage fault).
+- ``TWICING_FAULT_WRITER_HOLD=S``: a background checkpoint writer (``checkpoint.async_save``)
+  holds every file S seconds between writing its temporary copy and renaming it into place (a
+  window to kill a run while its writers are mid-file).
+- ``TWICING_FAULT_HOST_MEMORY=BYTES``: a background save sees only BYTES of free host memory.
 """
 
 from __future__ import annotations
@@ -61,3 +65,17 @@ def save_error(path: Path) -> None:
     if _save_errors < int(count):
         _save_errors += 1
         raise OSError(errno.EIO, "injected I/O error", str(path))
+
+
+def hold_writer(path: Path) -> None:
+    spec = os.environ.get("TWICING_FAULT_WRITER_HOLD")
+    if spec:
+        print(f"[fault] writer holding {path} for {spec}s", flush=True)
+        time.sleep(float(spec))
+
+
+def host_memory(available: int) -> int:
+    """``TWICING_FAULT_HOST_MEMORY=BYTES``: pretend only BYTES of host memory are available (to
+    exercise the synchronous fallback of a background save)."""
+    spec = os.environ.get("TWICING_FAULT_HOST_MEMORY")
+    return int(spec) if spec else available

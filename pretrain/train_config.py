@@ -169,6 +169,10 @@ class CheckpointConfig:
     trust_pickles: bool = False
     #: retries of a save whose write failed on some rank for another reason than a full disk
     save_retries: int = 1
+    #: write checkpoints in the background (``pretrain.checkpoint.async_save``): training blocks
+    #: only while DeepSpeed's save collects the state and, before the next optimizer update,
+    #: until the tensors are copied to host memory
+    async_save: bool = False
 
     def __post_init__(self) -> None:
         check(self.interval >= 0, "checkpoint.interval", "must be >= 0 (0: only on signal/exit)")

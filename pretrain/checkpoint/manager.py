@@ -21,6 +21,7 @@ from data_prep.base import atomic_write
 from data_prep.base.errors import CheckpointError
 from pretrain import faults
 from pretrain.checkpoint import reshard
+from pretrain.checkpoint.async_save import StagedSave, StagingPool
 from pretrain.checkpoint.layout import (
     CHECKSUMS,
     LATEST,
@@ -40,6 +41,7 @@ from pretrain.checkpoint.layout import (
 )
 from pretrain.checkpoint.resume import plan_resume
 from pretrain.checkpoint.state import TokenizerInfo, Topology, TrainerState
+from pretrain.parallel import distributed
 from pretrain.parallel.deepspeed_compat import (
     fix_zero3_universal_load,
     route_save_writes,
@@ -80,6 +82,10 @@ class SaveErrors:
         except Exception as e:  # noqa: BLE001 - agreed on across ranks by the manager
             self.errors.append((str(path), e))
 
+    def save_state(self, path: Path | str, state_dict: Any, save: Callable[[Any, str], None]):
+        """DeepSpeed's ``checkpoint_engine.save(state_dict, path)``, written now."""
+        self(path, lambda: save(state_dict, str(path)))
+
 
 class CheckpointManager:
     """Saves and restores a DeepSpeed engine plus our state, collectively on every rank, as the
@@ -95,6 +101,10 @@ class CheckpointManager:
         self.save_retries = cfg.save_retries
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
+        #: the save being written in the background (``checkpoint.async_save``), if any
+        self.pending: StagedSave | None = None
+        self._pending_need = 0
+        self._pool = StagingPool()
 
     # ---------------------------------------------------------------- save
     def save(
@@ -115,7 +125,11 @@ class CheckpointManager:
         ``CheckpointError`` on every rank says where and how much room it needed (the last
         size, or ``estimate_bytes`` before the first save); the previous complete checkpoint
         and ``latest`` are untouched."""
+        if self.pending is not None:  # at most one save in flight
+            self.finish(why=f"before saving {tag_of(step)}")
         need = self._preflight(estimate_bytes)
+        if self.cfg.async_save:
+            return self._save_async(engine, step, state, rng_state, files, need)
         tag_dir = self.root / tag_of(step)
         for attempt in range(self.save_retries + 1):
             try:
@@ -125,13 +139,8 @@ class CheckpointManager:
             if failure is None:
                 return tag_dir
             rank, path, error, nospace, free = failure
-            kept = self._kept()
             if nospace:
-                raise CheckpointError(
-                    f"checkpoint save failed: no space left on {self.root} (needed ~"
-                    f"{_mb(need)} MB, {_mb(free)} MB free; rank {rank} writing {path}); "
-                    f"removed the partial {tag_dir}; {kept}"
-                )
+                raise self._failure_error(failure, tag_dir, need, attempt + 1)
             if attempt < self.save_retries:
                 wait = min(2.0 * 2**attempt, 60.0)
                 if self.rank == 0:
@@ -143,12 +152,153 @@ class CheckpointManager:
                     )
                 time.sleep(wait)
                 continue
-            raise CheckpointError(
-                f"checkpoint save of {tag_dir} failed on rank {rank}: {error} (writing {path}); "
-                f"{attempt + 1} attempt(s) (checkpoint.save_retries={self.save_retries}); "
-                f"removed the partial directory; {kept}"
-            )
+            raise self._failure_error(failure, tag_dir, need, attempt + 1)
         raise AssertionError("unreachable")
+
+    def _failure_error(
+        self, failure: tuple[int, str, str, bool, int], tag_dir: Path, need: int, attempts: int
+    ) -> CheckpointError:
+        """The error every rank raises for an agreed failure (the partial directory is gone)."""
+        rank, path, error, nospace, free = failure
+        kept = self._kept()
+        if nospace:
+            return CheckpointError(
+                f"checkpoint save failed: no space left on {self.root} (needed ~"
+                f"{_mb(need)} MB, {_mb(free)} MB free; rank {rank} writing {path}); "
+                f"removed the partial {tag_dir}; {kept}"
+            )
+        return CheckpointError(
+            f"checkpoint save of {tag_dir} failed on rank {rank}: {error} (writing {path}); "
+            f"{attempts} attempt(s) (checkpoint.save_retries={self.save_retries}); "
+            f"removed the partial directory; {kept}"
+        )
+
+    # ---------------------------------------------------------------- background saves
+    def _save_async(
+        self,
+        engine,
+        step: int,
+        state: TrainerState,
+        rng_state: dict[str, Any],
+        files: dict[str, Path] | None,
+        need: int,
+    ) -> Path:
+        """Record this rank's files (DeepSpeed's collectives run as always), then stage and write
+        them in the background; the step becomes ``COMPLETE`` in :meth:`poll`. Falls back to
+        writing now, with a warning, when some rank lacks the host memory to stage its share."""
+        tag_dir = self.root / tag_of(step)
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tag_dir.exists():  # a stale partial save of this step, or a re-save
+                shutil.rmtree(tag_dir)
+        dist.barrier()
+        staged = StagedSave(tag_dir, self._pool, self.fsync, self.save_retries)
+        with route_save_writes(engine, staged):
+            engine.save_checkpoint(
+                str(self.root), tag=tag_of(step), client_state=self._client_state(state),
+                save_latest=False,
+            )  # fmt: skip
+        staged.save_tensors(tag_dir / "rng" / f"rank_{self.rank:05d}.pt", rng_state)
+        if self.rank == 0:
+            text = json.dumps(state.to_json(), indent=1, sort_keys=True)
+            staged.save_bytes(tag_dir / STATE, text.encode())
+            for name, source in (files or {}).items():
+                staged.save_bytes(tag_dir / name, Path(source).read_bytes())
+        free = _host_memory_available()
+        short = distributed.any_rank(staged.staged_bytes() > 0.9 * free)
+        self.pending, self._pending_need = staged, need
+        if short:
+            if self.rank == 0:
+                print(
+                    f"[ckpt] warning: too little host memory to stage {tag_dir.name} "
+                    f"({_mb(staged.staged_bytes())} MB on this rank, {_mb(free)} MB available "
+                    "on some rank): writing it synchronously this time",
+                    flush=True,
+                )
+            staged.write_now()
+            self.finish()
+        else:
+            staged.start()
+        return tag_dir
+
+    def before_update(self) -> None:
+        """Call before the optimizer changes parameters: waits until the save in flight has
+        copied the tensors it saves (normally long done)."""
+        if self.pending is not None:
+            waited = self.pending.wait_staged()
+            if waited > 0.05 and self.rank == 0:
+                print(
+                    f"[ckpt] waited {waited:.2f}s for {self.pending.tag_dir.name} to be staged "
+                    "before the optimizer step",
+                    flush=True,
+                )
+
+    def poll(self) -> None:
+        """At a step boundary, on every rank: make the save in flight ``COMPLETE`` (and
+        ``latest``) once every rank's writer is done, or raise its agreed failure."""
+        if self.pending is None:
+            return
+        if distributed.any_rank(not self.pending.done.is_set()):
+            return
+        self._finalize()
+
+    def finish(self, why: str = "") -> None:
+        """Wait for the save in flight, then finalize it (every rank)."""
+        if self.pending is None:
+            return
+        waited = self.pending.wait_done()
+        if why and waited > 0.05 and self.rank == 0:
+            print(
+                f"[ckpt] waited {waited:.2f}s {why} for the background save of "
+                f"{self.pending.tag_dir.name} to finish (one save in flight at a time)",
+                flush=True,
+            )
+        self._finalize()
+
+    def _finalize(self) -> None:
+        staged, need = self.pending, self._pending_need
+        assert staged is not None
+        self.pending = None
+        tag_dir = staged.tag_dir
+        failure = self._agree(staged, need)
+        if failure is None:
+            gathered: list[dict] = [{} for _ in range(self.world)]
+            dist.all_gather_object(gathered, staged.digests)
+            guard = SaveErrors()
+            if self.rank == 0:
+                guard(tag_dir, lambda: self._mark_complete(tag_dir, gathered))
+            failure = self._agree(guard, need)
+        if failure is not None:
+            if self.rank == 0:
+                latest = self.root / LATEST
+                if not (latest.is_file() and latest.read_text().strip() == tag_dir.name):
+                    shutil.rmtree(tag_dir, ignore_errors=True)
+            dist.barrier()
+            raise self._failure_error(failure, tag_dir, need, self.save_retries + 1)
+        if self.rank == 0:
+            self._prune()
+            rate = staged.bytes_written / max(staged.write_seconds, 1e-9) / 2**20
+            print(
+                f"[ckpt] {tag_dir.name} complete: written in the background in "
+                f"{staged.write_seconds:.1f}s (rank 0: {_mb(staged.bytes_written)} MB, "
+                f"{rate:.0f} MB/s)",
+                flush=True,
+            )
+
+    def _mark_complete(self, tag_dir: Path, gathered: list[dict]) -> None:
+        """Rank 0, after every rank's files are written: checksums (digests from the writers,
+        plus any file written directly, e.g. DeepSpeed's recovery script), then the marker,
+        then ``latest``."""
+        digests = {k: v for part in gathered for k, v in part.items()}
+        for p in sorted(tag_dir.rglob("*")):
+            name = str(p.relative_to(tag_dir))
+            written = p.is_file() and atomic_write.TMP_TAG not in name
+            if written and name not in digests and p.name not in (MARKER, CHECKSUMS):
+                digests[name] = file_digest(p, self.fsync)
+        text = json.dumps(digests, indent=1, sort_keys=True)
+        atomic_write.write_text(tag_dir / CHECKSUMS, text, self.fsync)
+        atomic_write.write_text(tag_dir / MARKER, f"{tag_dir.name}\n")
+        atomic_write.write_text(self.root / LATEST, tag_dir.name)
 
     def _kept(self) -> str:
         last = complete_tags(self.root)
@@ -208,7 +358,7 @@ class CheckpointManager:
             f"{removed}; {self._kept()}"
         )
 
-    def _agree(self, guard: SaveErrors, need: int) -> tuple[int, str, str, bool, int] | None:
+    def _agree(self, guard: Any, need: int) -> tuple[int, str, str, bool, int] | None:
         """The first failure of any rank — ``(rank, path, error, no space, free bytes)`` —
         identical on every rank (a collective), or None."""
         mine = None
@@ -238,16 +388,10 @@ class CheckpointManager:
             if tag_dir.exists():  # a stale partial save of this step, or a re-save
                 shutil.rmtree(tag_dir)
         dist.barrier()
-        client_state: dict[str, Any] = {"trainer": state.to_json()}
-        # TP merge rules for DeepSpeed's universal conversion
-        with contextlib.suppress(CheckpointError):  # no rule: only same-layout resumes
-            client_state[reshard.INFO_KEY] = reshard.universal_info(
-                state.tp_layout, reshard.tied_across_stages(state)
-            )
         guarded = SaveErrors()
         with route_save_writes(engine, guarded):  # DeepSpeed's writes, through the same guard
             engine.save_checkpoint(
-                str(self.root), tag=tag, client_state=client_state, save_latest=False
+                str(self.root), tag=tag, client_state=self._client_state(state), save_latest=False
             )
         rng_file = tag_dir / "rng" / f"rank_{self.rank:05d}.pt"
         guarded(rng_file, lambda: torch_save(rng_state, rng_file, fsync=self.fsync))
@@ -285,6 +429,18 @@ class CheckpointManager:
             self._prune()
         dist.barrier()
         return None
+
+    @staticmethod
+    def _client_state(state: TrainerState) -> dict[str, Any]:
+        """What DeepSpeed keeps beside its own state: ours, and the TP merge rules of
+        DeepSpeed's universal conversion (when there are rules: else same-layout resumes
+        only)."""
+        client_state: dict[str, Any] = {"trainer": state.to_json()}
+        with contextlib.suppress(CheckpointError):
+            client_state[reshard.INFO_KEY] = reshard.universal_info(
+                state.tp_layout, reshard.tied_across_stages(state)
+            )
+        return client_state
 
     def _write_checksums(self, tag_dir: Path, guarded) -> None:
         names = [None]
@@ -436,6 +592,12 @@ class CheckpointManager:
                 f"checkpoint {tag_dir} failed verification, nothing was loaded:\n  "
                 + "\n  ".join(problems)
             )
+
+
+def _host_memory_available() -> int:
+    import psutil
+
+    return faults.host_memory(psutil.virtual_memory().available)
 
 
 def _mb(n: int) -> str:

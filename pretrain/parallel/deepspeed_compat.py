@@ -153,16 +153,18 @@ def scan(paths: list[Path]) -> None:
 
 @contextlib.contextmanager
 def route_save_writes(engine: Any, guard: Callable[..., None]) -> Iterator[None]:
-    """Within the block every write of ``engine.save_checkpoint`` goes through ``guard(path,
-    write, inject=…)`` (the checkpoint manager's ``SaveErrors``, which records a failure
-    instead of raising): its checkpoint engine's ``save`` and ``makedirs`` and the private
-    ``_copy_recovery_script`` (``zero_to_fp32.py`` copied beside the checkpoints)."""
+    """Within the block every write of ``engine.save_checkpoint`` goes through ``guard``: its
+    checkpoint engine's ``save(state_dict, path)`` as ``guard.save_state(path, state_dict,
+    save)`` (written now by the manager's ``SaveErrors``, staged for the background writer by
+    ``async_save.StagedSave``), its ``makedirs`` and the private ``_copy_recovery_script``
+    (``zero_to_fp32.py`` copied beside the checkpoints) as ``guard(path, write, inject=…)``.
+    Either guard records a failure instead of raising."""
     ce = engine.checkpoint_engine
     real_save, real_makedirs = ce.save, ce.makedirs
     real_copy = engine._copy_recovery_script  # the only write outside the checkpoint engine
 
     def save(state_dict: Any, path: str) -> None:
-        guard(path, lambda: real_save(state_dict, path))
+        guard.save_state(path, state_dict, real_save)
 
     def makedirs(path: str, exist_ok: bool = False) -> None:
         guard(path, lambda: real_makedirs(path, exist_ok=exist_ok), inject=False)

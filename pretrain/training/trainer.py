@@ -194,8 +194,11 @@ class Trainer:
             stop_now = distributed.any_rank(stop_now)
             periodic = cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0
             finished = self.step == cfg.training.train_steps
+            self.checkpoints.poll()  # a background save that every rank finished: COMPLETE
             if periodic or stop_now or finished:
                 self.save()
+            if stop_now or finished:
+                self.checkpoints.finish(why="before exiting")
             if stop_now and not finished:
                 self.metrics.print(f"[train] stopping after step {self.step} (checkpoint written)")
                 return ExitCode.RESUMABLE
@@ -267,6 +270,7 @@ class Trainer:
         step; returns ``(grad_norm, skipped)``."""
         engine, zero = self.engine, self.cfg.parallel.zero_stage
         grad_norm = None
+        self.checkpoints.before_update()  # a background save has copied what it saves
         if zero == 0:
             grad_norm, nonfinite = zero0_prepare_step(
                 engine,
@@ -399,9 +403,14 @@ class Trainer:
         path = self.checkpoints.save(
             self.engine, self.step, state, rng.capture(), files, estimate_bytes=estimate
         )
-        self.metrics.print(f"[ckpt] saved {path} in {time.perf_counter() - t0:.1f}s")
+        seconds = time.perf_counter() - t0
+        if self.checkpoints.pending is not None:
+            self.metrics.print(f"[ckpt] saving {path} in the background (blocked {seconds:.2f}s)")
+        else:
+            self.metrics.print(f"[ckpt] saved {path} in {seconds:.1f}s")
 
     def close(self) -> None:
+        self.checkpoints.finish(why="before releasing the run dir")  # the lock outlives writers
         self.metrics.close()
         if self.lock is not None:
             self.lock.release()

@@ -187,13 +187,17 @@ def test_two_nodes_pipeline_parallel_one_stage_per_node(cluster, wikitext_manife
     print(f"2 nodes x 1 task, PP 2, {STEPS} steps: {seconds:.0f}s")
 
 
+@pytest.mark.parametrize("saves", ["sync", "async"])
 def test_preemption_signal_checkpoint_requeue_resumes_the_same_curve(
-    cluster, wikitext_manifest, base, tp_and_dp
+    cluster, wikitext_manifest, base, tp_and_dp, saves
 ):
     """A job in partition 'high' preempts ours: Slurm sends USR1 to the batch shell, which
-    forwards it; the ranks checkpoint and exit 75, the script requeues, the rerun resumes."""
+    forwards it; the ranks checkpoint and exit 75, the script requeues, the rerun resumes. With
+    ``checkpoint.async_save`` the periodic saves are written in the background and the stop
+    waits for them before its own."""
     reference = losses(tp_and_dp[0].run_dir)
-    run = Run(base, wikitext_manifest, "preempted", 2)
+    mode = f"checkpoint.async_save={'true' if saves == 'async' else 'false'}"
+    run = Run(base, wikitext_manifest, f"preempted-{saves}", 2, mode)
     t0 = time.monotonic()
     # the run waits before step 4 until the preemption's signal arrives, however fast it trains
     jid = run.submit(TWICING_FAULT_HOLD_BEFORE_STEP="4:300")
@@ -204,7 +208,7 @@ def test_preemption_signal_checkpoint_requeue_resumes_the_same_curve(
         capture_output=True, text=True, timeout=60, env=job_env(run.logs),
     )  # fmt: skip
     assert high.returncode == 0, high.stderr
-    info = wait_job(jid, REQUEUE_S + RUN_S, restarts=1, log=base / f"preempted-{jid}.out")
+    info = wait_job(jid, REQUEUE_S + RUN_S, restarts=1, log=base / f"{run.name}-{jid}.out")
     seconds = time.monotonic() - t0
 
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info

@@ -45,21 +45,32 @@ def checkpoint_tensors(tag_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+#: checkpoint.async_save off and on (the same resume tests hold for both)
+SAVES = pytest.mark.parametrize("saves", ["sync", "async"])
+
+
+def _save_mode(saves: str) -> str:
+    return f"checkpoint.async_save={'true' if saves == 'async' else 'false'}"
+
+
+@SAVES
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_bit_exact_resume_after_sigkill(wikitext_manifest, tmp_path, stage):
-    zero = f"parallel.zero_stage={stage}"
+def test_bit_exact_resume_after_sigkill(wikitext_manifest, tmp_path, stage, saves):
+    zero, mode = f"parallel.zero_stage={stage}", _save_mode(saves)
     whole = tmp_path / "uninterrupted"
-    train(whole, wikitext_manifest, 4, *EXACT, zero)
+    train(whole, wikitext_manifest, 4, *EXACT, zero, mode)
 
     broken = tmp_path / "killed"
-    hold = {"TWICING_FAULT_HOLD_BEFORE_STEP": "11:300"}  # the run waits there to be killed
-    procs = start(broken, wikitext_manifest, 4, *EXACT, zero, env=hold)
-    wait_for(lambda: "holding before step 11" in output(procs, 0), 300, "step 10 done", procs)
+    # the run waits there to be killed; a background save of step 10 completes at a later step
+    at = 11 if saves == "sync" else 14
+    hold = {"TWICING_FAULT_HOLD_BEFORE_STEP": f"{at}:300"}
+    procs = start(broken, wikitext_manifest, 4, *EXACT, zero, mode, env=hold)
+    wait_for(lambda: f"holding before step {at}" in output(procs, 0), 300, "step 10 done", procs)
     assert (broken / "checkpoints/step_00000010/COMPLETE").exists()
     signal_all(procs, signal.SIGKILL)
     finish(procs)
     assert (broken / "checkpoints/latest").read_text() == "step_00000010"
-    resumed = train(broken, wikitext_manifest, 4, *EXACT, zero)
+    resumed = train(broken, wikitext_manifest, 4, *EXACT, zero, mode)
     assert "resumed from step_00000010: step 10" in resumed[0][1]
     assert "step 10/20" not in resumed[0][1] and "step 11/20" in resumed[0][1]
 
@@ -72,8 +83,14 @@ def test_bit_exact_resume_after_sigkill(wikitext_manifest, tmp_path, stage):
     assert not different, different[:5]
 
 
-def test_sigterm_checkpoints_exits_75_and_resumes_the_same_curve(wikitext_manifest, tmp_path):
-    args = ["training.train_steps=12", "model.hidden_dropout=0.1", "parallel.zero_stage=2"]
+@SAVES
+def test_sigterm_checkpoints_exits_75_and_resumes_the_same_curve(
+    wikitext_manifest, tmp_path, saves
+):
+    args = [
+        "training.train_steps=12", "model.hidden_dropout=0.1", "parallel.zero_stage=2",
+        "checkpoint.interval=2", _save_mode(saves),
+    ]  # fmt: skip
     whole = tmp_path / "whole"
     train(whole, wikitext_manifest, 2, *args)
 

@@ -34,7 +34,9 @@ MODEL = {1: [], 2: SWIGLU, 3: SWIGLU}
 TARGETS = {"TP1xDP1": (1, 1), "TP2xDP1": (2, 2), "TP1xDP2": (2, 1)}  # name: (ranks, tensor)
 
 
-def _original(manifest: Path, root: Path, stage: int, ranks: int = 4, tensor: int = 2) -> Path:
+def _original(
+    manifest: Path, root: Path, stage: int, ranks: int = 4, tensor: int = 2, *extra: str
+) -> Path:
     run_dir = root / f"original-zero{stage}"
     train(
         run_dir,
@@ -44,15 +46,18 @@ def _original(manifest: Path, root: Path, stage: int, ranks: int = 4, tensor: in
         *MODEL[stage],
         f"parallel.tensor={tensor}",
         f"parallel.zero_stage={stage}",
+        *extra,
     )
     return run_dir
 
 
-@pytest.fixture(scope="module")
-def originals(wikitext_manifest, tmp_path_factory):
-    """Uninterrupted TP2×DP2 runs, ZeRO-1 and ZeRO-2 (checkpoints at steps 3 and 6)."""
-    root = tmp_path_factory.mktemp("reshard")
-    return {stage: _original(wikitext_manifest, root, stage) for stage in (1, 2)}
+@pytest.fixture(scope="module", params=["sync", "async"])
+def originals(wikitext_manifest, tmp_path_factory, request):
+    """Uninterrupted TP2×DP2 runs, ZeRO-1 and ZeRO-2 (checkpoints at steps 3 and 6), saved
+    synchronously and in the background (``checkpoint.async_save``): resharding reads both."""
+    root = tmp_path_factory.mktemp(f"reshard-{request.param}")
+    mode = f"checkpoint.async_save={'true' if request.param == 'async' else 'false'}"
+    return {stage: _original(wikitext_manifest, root, stage, 4, 2, mode) for stage in (1, 2)}
 
 
 def from_step3(original: Path, run_dir: Path) -> Path:
