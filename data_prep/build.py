@@ -26,10 +26,10 @@ import numpy as np
 
 from data_prep.base.atomic_write import read_json, remove_stale_tmp, write_json
 from data_prep.base.errors import DataPrepError
-from data_prep.encoder import DocumentEncoder, encoder_blocker
+from data_prep.encoder import DocumentEncoder, HFDocumentEncoder, encoder_blocker
 from data_prep.indexed import merge_datasets, optimal_dtype, read_index, write_dataset
-from data_prep.sentencepiece_tokenizer import SentencePieceTokenizer
 from data_prep.sources import Corpus
+from data_prep.tokenizer_kinds import Tokenizer, load_tokenizer
 
 FORMAT = "mmidx-v1/one-sequence-per-document"
 SHARD_CHARS = 2_000_000
@@ -63,12 +63,17 @@ def finished_stats(prefix: str | Path, identity: dict | None = None) -> dict | N
 
 
 # --------------------------------------------------------------------------------- workers
-_ENCODER: DocumentEncoder | None = None
+_ENCODER: DocumentEncoder | HFDocumentEncoder | None = None
 
 
-def _init_worker(model_path: str, fast: bool) -> None:
+def _init_worker(kind: str, model_path: str, fast: bool, worker: bool = True) -> None:
     global _ENCODER
-    _ENCODER = DocumentEncoder(model_path, fast=fast)
+    if kind == "hf":
+        if worker:  # one thread per worker process: the workers are the parallelism
+            os.environ.setdefault("RAYON_NUM_THREADS", "1")
+        _ENCODER = HFDocumentEncoder(model_path)
+    else:
+        _ENCODER = DocumentEncoder(model_path, fast=fast)
 
 
 def _encode_shard(work_dir: str, shard: int, texts: list[str], dtype: str) -> dict:
@@ -90,14 +95,14 @@ def _encode_shard(work_dir: str, shard: int, texts: list[str], dtype: str) -> di
 class _Pool:
     """Process pool (or in-process when ``workers == 0``) with a bound on shards in flight."""
 
-    def __init__(self, workers: int, model_path: str, fast: bool) -> None:
+    def __init__(self, workers: int, kind: str, model_path: str, fast: bool) -> None:
         self.ex = None
         if workers > 0:
             self.ex = ProcessPoolExecutor(
-                workers, get_context("spawn"), _init_worker, (model_path, fast)
+                workers, get_context("spawn"), _init_worker, (kind, model_path, fast)
             )
         else:
-            _init_worker(model_path, fast)
+            _init_worker(kind, model_path, fast, worker=False)
         self.limit = max(2, 2 * workers)
         self.pending: dict[Future, Callable[[dict], None]] = {}
 
@@ -176,7 +181,7 @@ class _Job:
                 f"corpus {self.corpus.name!r} is empty: its {docs} documents encode to no tokens"
             )
 
-    def finish(self, tokenizer: SentencePieceTokenizer) -> dict:
+    def finish(self, tokenizer: Tokenizer) -> dict:
         parts = [self.work_dir / f"{k:06d}" for k in range(self.num_shards)]
         index = merge_datasets(parts, self.prefix, self.dtype)
         shards = [self.shards[k] for k in range(self.num_shards)]
@@ -247,7 +252,7 @@ def tokenize_corpora(
     names = [c.name for c in corpora]
     if len(set(names)) != len(names):
         raise DataPrepError(f"corpus names must be unique, got {names}")
-    tokenizer = SentencePieceTokenizer(tokenizer_model)
+    tokenizer = load_tokenizer(tokenizer_model)
     dtype = optimal_dtype(tokenizer.vocab_size)
     out_dir = Path(out_dir)
     results: dict[str, dict] = {}
@@ -265,9 +270,10 @@ def tokenize_corpora(
     out_dir.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm  # not in the workers' imports
 
-    if fast and (reason := encoder_blocker(tokenizer.model_path)):
+    sentencepiece = tokenizer.kind == "sentencepiece"
+    if sentencepiece and fast and (reason := encoder_blocker(tokenizer.model_path)):
         print(f"data_prep: encoding whole documents with sp.encode ({reason})", file=sys.stderr)
-    pool = _Pool(workers, str(tokenizer.model_path), fast)
+    pool = _Pool(workers, tokenizer.kind, str(tokenizer.model_path), fast)
     bar = tqdm(desc="tokenize", unit="doc", disable=not progress, dynamic_ncols=True)
     completed, tokens, t0 = 0, 0, time.perf_counter()
     current: _Job | None = None

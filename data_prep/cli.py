@@ -69,11 +69,19 @@ def cmd_wikitext(args) -> None:
         workers=args.workers,
         cache_dir=args.cache_dir,
         progress=not args.no_progress,
+        tokenizer=args.tokenizer,
     )
     print(path)
 
 
 def cmd_train_tokenizer(args) -> None:
+    if args.kind == "hf-bpe":
+        from data_prep.train_hf_tokenizer import train_hf_bpe
+
+        print(
+            train_hf_bpe(_corpora(args), args.out, args.vocab_size, progress=not args.no_progress)
+        )
+        return
     from data_prep.train_tokenizer import TokenizerOptions, train_tokenizer
 
     options = TokenizerOptions(
@@ -209,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    p.add_argument(
+        "--tokenizer",
+        help="use this tokenizer instead of training one: a sentencepiece .model or a Hugging "
+        "Face tokenizer directory",
+    )
     p.add_argument("--workers", type=int, default=2)
     output_option(p, "--cache-dir", kind="dir", registry=parser, help="datasets cache directory")
     output_option(
@@ -222,10 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_wikitext)
 
-    p = sub.add_parser("train-tokenizer", help="train a SentencePiece model on corpora")
+    p = sub.add_parser(
+        "train-tokenizer",
+        help="train a tokenizer on corpora: SentencePiece (default) or a Hugging Face byte-level "
+        "BPE (--kind hf-bpe)",
+    )
     _corpus_args(p)
-    output_option(p, "--out", kind="file", registry=parser, required=True,
-                  help="model prefix: writes PREFIX.model/.vocab/.json")  # fmt: skip
+    output_option(p, "--out", kind="any", registry=parser, required=True,
+                  help="sentencepiece: a model prefix (writes PREFIX.model/.vocab/.json); "
+                  "hf-bpe: the tokenizer directory")  # fmt: skip
+    p.add_argument("--kind", choices=["sentencepiece", "hf-bpe"], default="sentencepiece")
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument(
@@ -252,7 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tokenize", help="corpora → {out}/{name}_text_document.{bin,idx}")
     _corpus_args(p)
-    p.add_argument("--tokenizer", required=True, help="sentencepiece .model")
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        help="a sentencepiece .model, or a Hugging Face tokenizer directory (tokenizer.json)",
+    )
     output_option(p, "--out-dir", kind="dir", registry=parser, required=True)
     p.add_argument("--workers", type=int, default=2, help="encoder processes (0 = in-process)")
     p.add_argument("--shard-chars", type=int, default=2_000_000, help="characters per shard")

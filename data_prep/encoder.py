@@ -357,3 +357,32 @@ def _grow(a: np.ndarray, need: int) -> np.ndarray:
     out = np.empty(max(need, 2 * len(a)), dtype=a.dtype)
     out[: len(a)] = a
     return out
+
+
+class HFDocumentEncoder:
+    """:class:`DocumentEncoder`'s interface for a Hugging Face tokenizer: the ``tokenizers``
+    backend's batch encoder (Rust; ``add_special_tokens=False`` as Megatron-LM writes by default)
+    and the EOS id after every non-empty document."""
+
+    def __init__(self, tokenizer_dir: str | Path) -> None:
+        from data_prep.hf_tokenizer import HFTokenizer
+
+        self.tokenizer = HFTokenizer(tokenizer_dir)
+        self.eod = self.tokenizer.eod
+        self.fast, self.blocker = True, None
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, doc_lens)`` as :meth:`DocumentEncoder.encode`."""
+        try:
+            ids = self.tokenizer.encode_batch(list(texts))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions
+            bad = next((i for i, t in enumerate(texts) if not _is_utf8(t)), None)
+            if bad is None:
+                raise
+            raise DataPrepError(f"document {bad} of the batch is not valid Unicode: {e}") from e
+        lens = np.fromiter((len(x) + 1 if x else 0 for x in ids), np.int64, len(ids))
+        eod = [self.eod]
+        flat = np.fromiter(
+            chain.from_iterable(chain(x, eod) if x else x for x in ids), np.int32, int(lens.sum())
+        )
+        return flat, lens

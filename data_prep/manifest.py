@@ -3,7 +3,11 @@
 A JSON file; prefixes and the tokenizer path are relative to the manifest's directory::
 
     {"format": "twicing-lm/data-manifest-v1",
-     "tokenizer": {"model": "tok/wt2.model", "sha256": "...", "vocab_size": 8192, "eod": 2},
+     "tokenizer": {"model": "tok/wt2.model", "kind": "sentencepiece", "sha256": "...",
+                   "vocab_size": 8192, "eod": 2},
+
+(``"kind": "hf"`` with ``"model"`` a Hugging Face tokenizer directory; an absent kind is
+sentencepiece, as every manifest written before Hugging Face tokenizers were supported)
      "blend_per_split": {"train": [{"prefix": "wt2_train_text_document", "weight": 1.0}],
                          "valid": [...], "test": [...]}}
 
@@ -28,8 +32,8 @@ from data_prep.base.atomic_write import read_json, write_json
 from data_prep.base.errors import DataPrepError, EmptySplitError
 from data_prep.indexed import Index, expected_bin_size
 from data_prep.indexed import read_index as _read_index
-from data_prep.sentencepiece_tokenizer import SentencePieceTokenizer
 from data_prep.splits import SPLIT_NAMES, parse_split, split_ranges
+from data_prep.tokenizer_kinds import Kind, Tokenizer, load_tokenizer
 
 
 def read_index(path: str | Path) -> Index:
@@ -64,6 +68,7 @@ class Manifest:
     blend_per_split: dict[str, list[BlendEntry]] | None = None
     tokenizer_sha256: str | None = None
     path: Path | None = None
+    tokenizer_kind: Kind | None = None
 
     def __post_init__(self) -> None:
         if (self.blend is None) == (self.blend_per_split is None):
@@ -109,8 +114,8 @@ class Manifest:
             return {"blend": blend, "split": self.split}
         return {"blend_per_split": [pair(self.blend_per_split.get(s) or []) for s in SPLIT_NAMES]}
 
-    def tokenizer(self) -> SentencePieceTokenizer:
-        tok = SentencePieceTokenizer(self.tokenizer_model)
+    def tokenizer(self) -> Tokenizer:
+        tok = load_tokenizer(self.tokenizer_model, self.tokenizer_kind)
         if self.tokenizer_sha256 and tok.sha256 != self.tokenizer_sha256:
             raise DataPrepError(
                 f"{self.tokenizer_model} has sha256 {tok.sha256[:12]}…, the manifest "
@@ -141,7 +146,7 @@ class Manifest:
         """A dataset that records the tokenizer it was made with (``PREFIX.stats.json``, written
         by ``data_prep tokenize``) must have been made with this manifest's: the same ids would
         mean other text (``DataPrepError`` naming the dataset and both tokenizers)."""
-        mine = SentencePieceTokenizer(self.tokenizer_model).sha256
+        mine = load_tokenizer(self.tokenizer_model, self.tokenizer_kind).sha256
         for entry in dict.fromkeys(self.entries()):
             stats = Path(f"{entry.prefix}.stats.json")
             if not stats.is_file():
@@ -219,11 +224,12 @@ class Manifest:
         def entries(es: list[BlendEntry]) -> list[dict]:
             return [{"prefix": rel(e.prefix), "weight": e.weight} for e in es]
 
-        tok = SentencePieceTokenizer(self.tokenizer_model)
+        tok = load_tokenizer(self.tokenizer_model, self.tokenizer_kind)
         out = {
             "format": FORMAT,
             "tokenizer": {
                 "model": rel(self.tokenizer_model),
+                "kind": tok.kind,
                 "sha256": tok.sha256,
                 "vocab_size": tok.vocab_size,
                 "eod": tok.eod,
@@ -303,12 +309,16 @@ def load_manifest(path: str | Path) -> Manifest:
     tok = raw.get("tokenizer") or {}
     if not isinstance(tok, dict) or not isinstance(tok.get("model"), str):
         raise DataPrepError(f"{path}: no tokenizer.model")
+    kind = tok.get("kind", "sentencepiece")
+    if kind not in ("sentencepiece", "hf"):
+        raise DataPrepError(f"{path}: tokenizer.kind {kind!r} is not 'sentencepiece' or 'hf'")
     bps = raw.get("blend_per_split")
     if bps is not None and not isinstance(bps, dict):
         raise DataPrepError(f"{path}: blend_per_split must be an object of splits")
     return Manifest(
         tokenizer_model=(base / tok["model"]).resolve(),
         tokenizer_sha256=tok.get("sha256"),
+        tokenizer_kind=kind,
         blend=_entries(raw["blend"], base, f"{path}: blend") if "blend" in raw else None,
         split=raw.get("split"),
         blend_per_split=(

@@ -8,6 +8,7 @@ from data_prep.build import output_prefix, tokenize_corpora
 from data_prep.manifest import BlendEntry, Manifest
 from data_prep.sources import Corpus, fingerprint_texts
 from data_prep.splits import SPLIT_NAMES
+from data_prep.tokenizer_kinds import load_tokenizer
 from data_prep.train_tokenizer import TokenizerOptions, train_tokenizer
 from data_prep.wikitext import articles, canonical_name, resolve_source
 
@@ -22,12 +23,15 @@ def prepare_wikitext(
     workers: int = 2,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    tokenizer: str | Path | None = None,
 ) -> Path:
     """Tokenize WikiText ``name`` into ``{out_dir}/{name}_{split}_text_document.{bin,idx}`` and
     return the manifest path (``{out_dir}/{name}.manifest.json``, one blend per split).
 
     ``source``: None (the hub, then the shared copy), a hub-layout directory or a directory of
-    original ``wiki.*`` files. The tokenizer (``{out_dir}/tokenizer/``) is trained on train.
+    original ``wiki.*`` files. The tokenizer (``{out_dir}/tokenizer/``) is trained on train,
+    unless ``tokenizer`` names one to use (a sentencepiece ``.model`` or a Hugging Face tokenizer
+    directory).
     Each article is one document; ``{prefix}.stats.json`` records articles, words and lines.
     Finished outputs are reused, so a second call with the same arguments does no work.
     """
@@ -52,13 +56,16 @@ def prepare_wikitext(
             fingerprint=fingerprint_texts(docs),
             meta=meta,
         )
-    options = TokenizerOptions(model_type=model_type, vocab_size=vocab_size)
-    model = train_tokenizer(
-        [corpora["train"]],
-        out_dir / "tokenizer" / f"{name}.{model_type}{vocab_size}",
-        options,
-        progress=progress,
-    )
+    if tokenizer is not None:
+        model = load_tokenizer(tokenizer).model_path
+    else:
+        options = TokenizerOptions(model_type=model_type, vocab_size=vocab_size)
+        model = train_tokenizer(
+            [corpora["train"]],
+            out_dir / "tokenizer" / f"{name}.{model_type}{vocab_size}",
+            options,
+            progress=progress,
+        )
     tokenize_corpora(list(corpora.values()), model, out_dir, workers=workers, progress=progress)
     manifest = Manifest(
         tokenizer_model=model.resolve(),

@@ -33,6 +33,8 @@ class SentencePieceTokenizer:
     the model's sha256.
     """
 
+    kind = "sentencepiece"
+
     def __init__(self, model_path: str | Path) -> None:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
@@ -63,6 +65,13 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         """Ids of ``text`` (no EOD appended)."""
         return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts))
+
+    def files(self) -> list[Path]:
+        """The files that define this tokenizer (what checkpoints and exports copy)."""
+        return [self.model_path]
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])

@@ -24,6 +24,7 @@ DTYPE_NAMES = ("bf16", "fp32")
 def consolidate(source, out: str | Path, dtype: str = "fp32") -> Path:
     """Write the consolidated file for ``source`` (an opened ``Checkpoint`` or a path)."""
     from pretrain.checkpoint import consolidated
+    from pretrain.checkpoint.layout import tokenizer_files
     from pretrain.checkpoint.reader import Checkpoint, full_state_dict, open_checkpoint
 
     check_out(out)
@@ -33,7 +34,7 @@ def consolidate(source, out: str | Path, dtype: str = "fp32") -> Path:
         weights=full_state_dict(ck),
         state=ck.state,
         source=str(ck.tag_dir),
-        tokenizer_model=Path(ck.tokenizer.model_path),
+        tokenizer_files=tokenizer_files(ck.tokenizer)[1],
         dtype=dtype,
     )
 

@@ -72,7 +72,7 @@ def _contained(d: Path) -> tuple[Path, str] | None:
 def check_output(
     path: str | os.PathLike,
     what: str,
-    kind: Literal["file", "dir"],
+    kind: Literal["file", "dir", "any"],
     *,
     error: type[Exception] = DataPrepError,
     allow_eval_dir: bool = False,
@@ -161,7 +161,7 @@ class OutputOption:
 
     flag: str
     dest: str
-    kind: Literal["file", "dir"]
+    kind: Literal["file", "dir", "any"]
     allow_in_run: tuple[str, ...] = ()
 
 
@@ -169,7 +169,7 @@ def output_option(
     parser: argparse.ArgumentParser,
     flag: str,
     *,
-    kind: Literal["file", "dir"],
+    kind: Literal["file", "dir", "any"],
     allow_in_run: tuple[str, ...] = (),
     registry: argparse.ArgumentParser | None = None,
     **kwargs: Any,

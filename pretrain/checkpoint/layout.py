@@ -5,7 +5,8 @@ Layout under the checkpoint root::
     step_00000100/          one tag per saved step
         mp_rank_*/zero_*    DeepSpeed's per-rank model / optimizer shards
         rng/rank_00003.pt   each rank's RNG states (DeepSpeed keeps client state from one rank)
-        tokenizer.model     the run's sentencepiece model (evaluation needs nothing else)
+        tokenizer.model     the run's sentencepiece model (evaluation needs nothing else), or
+        tokenizer/          a Hugging Face tokenizer's tokenizer.json and config
         trainer_state.json  step, consumed samples, config, topology, TP layout, tokenizer,
                             library versions
         checksums.json      size + xxh3-128 of every file above
@@ -41,9 +42,23 @@ MARKER = "COMPLETE"
 LATEST = "latest"
 STATE = "trainer_state.json"
 CHECKSUMS = "checksums.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  #: a sentencepiece run's tokenizer
+TOKENIZER_DIR = "tokenizer"  #: a Hugging Face tokenizer's files (tokenizer.json, its config)
 _TAG_PREFIX = "step_"
 _TAG = re.compile(r"step_\d{8}")
+
+
+def tokenizer_files(tokenizer: Any) -> tuple[str, dict[str, Path]]:
+    """Where a checkpoint keeps ``tokenizer`` (what ``TokenizerInfo.file`` names) and its files,
+    ``{name in the step directory: source}``."""
+    if tokenizer.kind == "hf":
+        return TOKENIZER_DIR, {f"{TOKENIZER_DIR}/{p.name}": p for p in tokenizer.files()}
+    return TOKENIZER_FILE, {TOKENIZER_FILE: Path(tokenizer.model_path)}
+
+
+def tokenizer_names(listed: dict[str, Any] | list[str], saved_as: str) -> list[str]:
+    """The names among ``listed`` (a step's checksums) that make up the tokenizer ``saved_as``."""
+    return [n for n in listed if n == saved_as or n.startswith(saved_as + "/")]
 
 
 def tag_of(step: int) -> str:

@@ -20,16 +20,17 @@ import torch
 
 from data_prep.base.errors import CheckpointError
 from data_prep.base.strict_config import from_dict
-from data_prep.sentencepiece_tokenizer import SentencePieceTokenizer, file_sha256
+from data_prep.tokenizer_kinds import Tokenizer, load_tokenizer
 from model import ModelConfig
 from model.tp_layout import Split, merge, shard
 from pretrain.checkpoint.layout import (
     MARKER,
-    TOKENIZER_FILE,
     check_tag,
     is_tag,
     latest_complete,
+    read_checksums,
     read_state,
+    tokenizer_names,
     verify_files,
 )
 from pretrain.checkpoint.state import TrainerState
@@ -41,7 +42,7 @@ class Checkpoint:
     tag_dir: Path  # the step directory, or the consolidated file
     state: TrainerState
     model: ModelConfig
-    tokenizer: SentencePieceTokenizer
+    tokenizer: Tokenizer
     #: TP=1 weights of a consolidated file (None: read from the shards on demand)
     weights: dict[str, torch.Tensor] | None = None
     _scratch: Any = None  # keeps a consolidated file's extracted tokenizer alive
@@ -97,26 +98,35 @@ def open_checkpoint(
         return _open_consolidated(Path(path), tokenizer)
     tag_dir = resolve(path, tag)
     state = read_state(tag_dir)
-    problems = verify_files(tag_dir, [TOKENIZER_FILE])
+    names = tokenizer_names(read_checksums(tag_dir), state.tokenizer.file)
+    problems = verify_files(tag_dir, names) if names else [f"{tag_dir}: no tokenizer saved"]
     if problems:
         raise CheckpointError("; ".join(problems))
-    saved = tag_dir / TOKENIZER_FILE
-    if tokenizer is not None:
-        given = file_sha256(tokenizer)
-        if given != state.tokenizer.sha256:
-            raise CheckpointError(
-                f"tokenizer {tokenizer} (sha256 {given[:12]}…) does not match the checkpoint's "
-                f"{saved} (sha256 {state.tokenizer.sha256[:12]}…): token ids would mean "
-                "different things"
-            )
+    saved = tag_dir / state.tokenizer.file
+    _check_tokenizer(tokenizer, saved, state.tokenizer.sha256)
     model = from_dict(ModelConfig, state.model_config, "model")
-    return Checkpoint(tag_dir, state, model, SentencePieceTokenizer(saved))
+    return Checkpoint(tag_dir, state, model, _load_saved_tokenizer(saved))
+
+
+def _load_saved_tokenizer(saved: Path) -> Tokenizer:
+    from data_prep.base.errors import DataPrepError
+
+    try:
+        return load_tokenizer(saved)
+    except DataPrepError as e:
+        raise CheckpointError(f"the checkpoint's tokenizer is unreadable: {e}") from None
 
 
 def _check_tokenizer(given: str | Path | None, saved: Path, expected_sha256: str) -> None:
+    """A user-given tokenizer must be the checkpoint's (its content hash)."""
     if given is None:
         return
-    digest = file_sha256(given)
+    from data_prep.base.errors import DataPrepError
+
+    try:
+        digest = load_tokenizer(given).sha256
+    except DataPrepError as e:
+        raise CheckpointError(f"--tokenizer: {e}") from None
     if digest != expected_sha256:
         raise CheckpointError(
             f"tokenizer {given} (sha256 {digest[:12]}…) does not match the checkpoint's "
@@ -126,19 +136,22 @@ def _check_tokenizer(given: str | Path | None, saved: Path, expected_sha256: str
 
 def _open_consolidated(path: Path, tokenizer: str | Path | None) -> Checkpoint:
     """A consolidated file (``pretrain.consolidate``): TP=1 weights, config and tokenizer."""
-    from pretrain.checkpoint.consolidated import load
+    from pretrain.checkpoint.consolidated import load, tokenizer_payload
 
     payload = load(path)
     state = TrainerState.from_json(payload["trainer_state"], f"{path} [trainer_state]")
     scratch = tempfile.TemporaryDirectory(prefix="twicing-tokenizer-")
-    saved = Path(scratch.name) / TOKENIZER_FILE
-    saved.write_bytes(payload["tokenizer_model"].numpy().tobytes())
-    if file_sha256(saved) != state.tokenizer.sha256:
+    for name, data in tokenizer_payload(payload).items():
+        target = Path(scratch.name) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data.numpy().tobytes())
+    tok = _load_saved_tokenizer(Path(scratch.name) / state.tokenizer.file)
+    if tok.sha256 != state.tokenizer.sha256:
         raise CheckpointError(f"{path}: the embedded tokenizer does not match its recorded sha256")
     _check_tokenizer(tokenizer, path, state.tokenizer.sha256)
     model = from_dict(ModelConfig, state.model_config, "model")
     weights = {k: v.float() for k, v in payload["state_dict"].items()}
-    return Checkpoint(path, state, model, SentencePieceTokenizer(saved), weights, scratch)
+    return Checkpoint(path, state, model, tok, weights, scratch)
 
 
 def _module_file(ck: Checkpoint, mp_rank: int) -> Path:

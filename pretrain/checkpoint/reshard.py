@@ -52,7 +52,6 @@ from pretrain.checkpoint.layout import (
     CHECKSUMS,
     MARKER,
     STATE,
-    TOKENIZER_FILE,
     read_state,
     verify_files,
 )
@@ -232,9 +231,12 @@ def convert(
         result = scratch / tag_dir.name
         if state.model_config.get("tied_embeddings", True):
             _link_tied_copy(result / "zero")
-        for name in (STATE, TOKENIZER_FILE):
-            if (tag_dir / name).is_file():
-                shutil.copy2(tag_dir / name, result / name)
+        shutil.copy2(tag_dir / STATE, result / STATE)
+        saved = tag_dir / state.tokenizer.file  # tokenizer.model, or a tokenizer/ directory
+        if saved.is_dir():
+            shutil.copytree(saved, result / state.tokenizer.file)
+        elif saved.is_file():
+            shutil.copy2(saved, result / state.tokenizer.file)
         atomic_write.write_text(
             result / SOURCE,
             json.dumps(

@@ -30,24 +30,31 @@ class HFExport:
     """A Hugging Face export as the evaluation needs it: tokenizer, config, model, metadata."""
 
     def __init__(self, path: Path, tokenizer: str | None):
-        from data_prep.sentencepiece_tokenizer import SentencePieceTokenizer, file_sha256
+        from data_prep.base.errors import DataPrepError
+        from data_prep.tokenizer_kinds import load_tokenizer
         from pretrain.export.hf_export import METADATA
 
         self.tag_dir = Path(path)
         sp_model = self.tag_dir / "tokenizer.model"
+        if not sp_model.is_file():  # a Hugging Face tokenizer's export: its own files
+            sp_model = self.tag_dir / "tokenizer.json"
         if not (self.tag_dir / "config.json").is_file() or not sp_model.is_file():
             raise CheckpointError(
-                f"{self.tag_dir} is not a Hugging Face export with a tokenizer.model "
+                f"{self.tag_dir} is not a Hugging Face export with a tokenizer "
                 "(python -m pretrain.export_hf writes one)"
             )
         meta_file = self.tag_dir / METADATA
         self.meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        if tokenizer is not None and file_sha256(tokenizer) != file_sha256(sp_model):
+        try:
+            self.tokenizer = load_tokenizer(sp_model)
+            given = load_tokenizer(tokenizer).sha256 if tokenizer is not None else None
+        except DataPrepError as e:
+            raise CheckpointError(str(e)) from None
+        if given is not None and given != self.tokenizer.sha256:
             raise CheckpointError(
                 f"tokenizer {tokenizer} does not match the export's {sp_model}: token ids would "
                 "mean different things"
             )
-        self.tokenizer = SentencePieceTokenizer(sp_model)
         from transformers import AutoConfig
 
         # a custom-code export (every non-softmax variant) names its modeling files in auto_map

@@ -47,7 +47,7 @@ class EvalText:
         """``[eod] + Σ (encode(doc) + [eod])``: every token of every document (and each document's
         end) is a prediction target, each document read after an EOD as in training."""
         stream = [tokenizer.eod]
-        for ids in tokenizer.sp.encode(self.documents):
+        for ids in tokenizer.encode_batch(self.documents):
             stream.extend(ids)
             stream.append(tokenizer.eod)
         return stream

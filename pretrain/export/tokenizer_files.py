@@ -1,5 +1,6 @@
-"""The exported tokenizer: the run's sentencepiece model, plus HF tokenizer files that reproduce
-its ids exactly when that is possible (verified at export time)."""
+"""The exported tokenizer: a sentencepiece run's model, plus HF tokenizer files that reproduce its
+ids exactly when that is possible (verified at export time); a Hugging Face tokenizer's own files
+(verified to encode as the run did)."""
 
 from __future__ import annotations
 
@@ -77,7 +78,11 @@ PROBES = [
 
 def write_tokenizer(tokenizer, out: Path, probes: list[str]) -> str:
     """``tokenizer.model`` always; the HF tokenizer files when they reproduce ``sp.encode`` on
-    ``probes`` (else a note why not). Returns a one-line summary."""
+    ``probes`` (else a note why not). Returns a one-line summary. A Hugging Face tokenizer's
+    files are copied as they are (``tokenizer_config.json`` gains a ``tokenizer_class`` if it had
+    none) and ``AutoTokenizer`` on the export must encode ``probes`` as the run did."""
+    if tokenizer.kind == "hf":
+        return _write_hf_tokenizer(tokenizer, out, probes)
     shutil.copy2(tokenizer.model_path, out / "tokenizer.model")
     text, why = hf_tokenizer_json(Path(tokenizer.model_path))
     if text is None:
@@ -111,3 +116,23 @@ def write_tokenizer(tokenizer, out: Path, probes: list[str]) -> str:
             (out / name).unlink()
         return f"tokenizer.model only (the HF tokenizer differed from sentencepiece on {bad[0]!r})"
     return "tokenizer.model + tokenizer.json (AutoTokenizer, ids = sentencepiece's)"
+
+
+def _write_hf_tokenizer(tokenizer, out: Path, probes: list[str]) -> str:
+    for src in tokenizer.files():
+        shutil.copy2(src, out / src.name)
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    config_path.write_text(json.dumps(config, indent=1))
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    bad = [t for t in probes if hf(t, add_special_tokens=False)["input_ids"] != tokenizer.encode(t)]
+    if bad:
+        raise ValueError(f"AutoTokenizer on the export encodes {bad[0]!r} differently")
+    if hf.eos_token_id != tokenizer.eod:
+        raise ValueError(
+            f"AutoTokenizer's eos id {hf.eos_token_id} is not the run's {tokenizer.eod}"
+        )
+    return "tokenizer.json (+ config) as trained with: AutoTokenizer encodes as the run did"

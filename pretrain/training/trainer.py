@@ -14,7 +14,7 @@ from megatron.core import parallel_state
 
 from data_prep.base.errors import ExitCode, NonFiniteError
 from pretrain import faults
-from pretrain.checkpoint.layout import TOKENIZER_FILE
+from pretrain.checkpoint.layout import tokenizer_files
 from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.checkpoint.state import TokenizerInfo, Topology, TrainerState
 from pretrain.parallel import deepspeed_compat, distributed, rng
@@ -134,7 +134,7 @@ class Trainer:
     def _tokenizer_info(self) -> TokenizerInfo:
         """What a checkpoint records of this run's tokenizer."""
         t = self.tokenizer
-        return TokenizerInfo(TOKENIZER_FILE, t.sha256, t.vocab_size, t.eod)
+        return TokenizerInfo(tokenizer_files(t)[0], t.sha256, t.vocab_size, t.eod)
 
     def _topology(self) -> Topology:
         return Topology(
@@ -397,7 +397,7 @@ class Trainer:
             tokenizer=self._tokenizer_info(),
         )
         t0 = time.perf_counter()
-        files = {TOKENIZER_FILE: self.tokenizer.model_path}
+        files = tokenizer_files(self.tokenizer)[1]
         # before the first checkpoint: fp32 weights + Adam's fp32 master copy and two moments
         estimate = 16 * self.num_params
         path = self.checkpoints.save(

@@ -120,12 +120,14 @@ def test_wikitext_tasks_agree_with_pretrain_evaluate(softmax_model):
     64-token segments. On the same text the two agree to well under 1 % in log."""
     from pretrain.evaluation.driver import evaluate_text
     from pretrain.evaluation.texts import load_text
-    from pretrain.lm_eval import parse_args, run
+    from pretrain.lm_eval import build_parser, run
 
     ours, _, path = softmax_model
     n = 3
     argv = ["--checkpoint", str(path), "--tasks", f"{WIKI}_raw,{WIKI}", "--limit", str(n)]
-    rank, result = run(parse_args([*argv, "--log-samples", "--bootstrap-iters", "0"]))
+    rank, result = run(
+        build_parser().parse_args([*argv, "--log-samples", "--bootstrap-iters", "0"])
+    )
     raw, detok = (result["results"][t]["word_perplexity,none"] for t in (f"{WIKI}_raw", WIKI))
     text = load_text("wikitext-2-raw:valid", max_documents=n)
     report = evaluate_text(ours.model, ours.tok, text, length=64, stride=64, batch_size=8)
