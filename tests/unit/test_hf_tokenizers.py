@@ -1,9 +1,9 @@
 """Hugging Face tokenizers in data_prep: two tokenizers built here with ``tokenizers`` (a
 GPT-2-style byte-level BPE, trained by ``data_prep train-tokenizer --kind hf-bpe``, and a
-Llama-3-style one: regex pre-tokenizer, special tokens, a BOS template) tokenize three shared corpora plus hostile
-documents byte for byte as Megatron-LM's ``preprocess_data.py --tokenizer-type
-HuggingFaceTokenizer --append-eod`` does: megatron-core's own tokenizer class for that flag
-(``MegatronTokenizer``, library ``huggingface``, the tool's defaults) and its
+Llama-3-style one: regex pre-tokenizer, special tokens, a BOS template) tokenize three shared
+corpora plus hostile documents byte for byte as Megatron-LM's ``preprocess_data.py
+--tokenizer-type HuggingFaceTokenizer --append-eod`` does: megatron-core's own tokenizer class
+for that flag (``MegatronTokenizer``, library ``huggingface``, the tool's defaults) and its
 ``IndexedDatasetBuilder`` write the reference. ``AutoTokenizer`` on the directory encodes the
 same; bad tokenizers are refused naming them."""
 
