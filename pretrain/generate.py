@@ -123,10 +123,21 @@ def encode_prompts(prompts: list[str], tokenizer, context: int) -> list[list[int
 
 def completion_text(tokenizer, prompt_ids: list[int], token_ids: list[int]) -> str:
     """The text the new ids add to the prompt's (decoded together, so a word-initial piece keeps
-    its leading space; the leading eod is not text)."""
+    its leading space; the leading eod is not text). When generation stopped inside a multi-byte
+    character (byte-level pieces, or sentencepiece's byte fallback), its 1–3 leading bytes decode
+    to U+FFFD: they are held back, as a streaming decoder holds them until the character is
+    whole, so no broken UTF-8 is printed (``token_ids`` keeps every id)."""
     body = [i for i in prompt_ids if i != tokenizer.eod]
-    head, full = tokenizer.decode(body), tokenizer.decode(body + token_ids)
-    return full[len(head) :] if full.startswith(head) else tokenizer.decode(token_ids)
+    head = tokenizer.decode(body)
+    kept = token_ids
+    for cut in range(1, min(3, len(token_ids)) + 1):
+        if not tokenizer.decode(body + kept).endswith("\ufffd"):
+            break
+        kept = token_ids[:-cut]
+    full = tokenizer.decode(body + kept)
+    if full.endswith("\ufffd"):  # not a cut character: a U+FFFD the model wrote
+        kept, full = token_ids, tokenizer.decode(body + token_ids)
+    return full[len(head) :] if full.startswith(head) else tokenizer.decode(kept)
 
 
 def run(args: argparse.Namespace) -> tuple[int, list[dict], dict]:

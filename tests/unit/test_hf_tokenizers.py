@@ -190,3 +190,20 @@ def test_bad_tokenizers_are_refused_naming_them(tmp_path, tokenizers_dir, docs):
         assert run.returncode == 2, run.stderr[-2000:]
         assert needle in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
         assert not out.exists() or not any(out.iterdir())
+
+
+def test_generation_holds_back_a_character_cut_by_its_last_token(tokenizers_dir):
+    """Byte-level pieces: ids that stop inside a multi-byte character print without it (no
+    U+FFFD), and the next id completes it."""
+    from data_prep.tokenizer_kinds import load_tokenizer
+    from pretrain.generate import completion_text
+
+    tok = load_tokenizer(tokenizers_dir["gpt2"])
+    prompt = [tok.eod, *tok.encode("The city")]
+    ids = tok.encode(" 東京")  # bytes the small vocabulary has no merges for: several pieces
+    cuts = [k for k in range(1, len(ids)) if tok.decode(ids[:k]).endswith("\ufffd")]
+    assert cuts  # some prefix of the ids ends inside a character
+    for k in cuts:
+        text = completion_text(tok, prompt, ids[:k])
+        assert "\ufffd" not in text and " 東京".startswith(text)
+    assert completion_text(tok, prompt, ids) == " 東京"
