@@ -11,15 +11,21 @@ Without ``--megatron-lm`` only ours is timed (tokens/s, MB/s, no ratio), and its
 against an independent writer of ``sp.encode(doc) + [eos]`` per document in the MMIDIDX layout.
 
 Input (``--input``, default: generated once under ``--work-dir``): the leading documents of each of
-the nine ``shared/data/corpora/*.jsonl.xz``, the same fraction of each, ``--mix-mb`` MB of text in
-all, their original JSON lines in one file, repeated ``--copies`` times. Tokenizer
-(``--tokenizer``, default: trained once on the mix): data_prep's default BPE 32k (identity
-normalisation, byte fallback). Megatron's environment needs ``six``, ``regex`` and an importable
+the nine ``shared/data/corpora/*.jsonl.xz`` (or of ``--corpora NAME,...``), the same fraction of
+each, ``--mix-mb`` MB of text in all, their original JSON lines in one file, repeated ``--copies``
+times; ``--hostile`` appends documents that stress tokenizers (empty, whitespace runs, control
+characters, combining marks, emoji, a 20 kB line). Tokenizer (``--tokenizer``, default: trained
+once on the mix): data_prep's default BPE 32k (identity normalisation, byte fallback); or
+``--hf-tokenizer gpt2|llama3``: a Hugging Face byte-level BPE of that style (``data_prep
+train-tokenizer --kind hf-bpe``, 32k), which Megatron reads with ``--tokenizer-type
+HuggingFaceTokenizer``; ``--tokenizer DIR`` takes any Hugging Face tokenizer directory.
+Megatron's environment needs ``six``, ``regex`` and an importable
 ``triton`` besides torch and megatron-core; ``--megatron-python`` picks its interpreter.
 
     python benchmarks/data_prep_vs_megatron.py --megatron-lm /tmp/megatron-lm [--rounds 3]
         [--megatron-python /tmp/megvenv/bin/python] [--mix-mb 50] [--copies 10]
-        [--tokenizer M.model] [--input F.jsonl]
+        [--tokenizer M.model | --hf-tokenizer gpt2|llama3] [--corpora kjv,...] [--hostile]
+        [--input F.jsonl]
 """
 
 from __future__ import annotations
@@ -57,13 +63,29 @@ def shared_corpora() -> Path:
     return path
 
 
-def build_mix(path: Path, mix_bytes: int) -> Path:
+#: documents that stress tokenizers (both tools take them: no blank line, no lone surrogate)
+HOSTILE = [
+    "", " ", "\n\n", "a", " leading and trailing  ", "two  spaces and\ttab\nnew line",
+    "\u2581 literal mark \u2581\u2581x", "ﬁ ½ Ⅻ \u3000 ideographic\u00a0nbsp", " \u0308a e\u0301 ",
+    "\x00nul\x01 \r\n crlf \u2028 ls", "😀 😀😀 中文 字 \ufeffbom", "=" * 19 + "\n" + "-" * 33,
+    "x" * 20000, " ".join(["word"] * 3000), "<|endoftext|> <|end_of_text|> <s> </s> as text",
+]  # fmt: skip
+
+
+def build_mix(
+    path: Path, mix_bytes: int, corpora: list[str] | None = None, hostile: bool = False
+) -> Path:
     """One JSONL file: the same leading fraction of each corpus' lines (original JSON text)."""
     if path.is_file():
         return path
     lines: list[bytes] = []
     per_corpus = []
-    for src in sorted(shared_corpora().glob("*.jsonl.xz")):
+    sources = sorted(shared_corpora().glob("*.jsonl.xz"))
+    if corpora:
+        sources = [s for s in sources if s.name.removesuffix(".jsonl.xz") in corpora]
+        if len(sources) != len(corpora):
+            sys.exit(f"--corpora {corpora}: not all found in {shared_corpora()}")
+    for src in sources:
         with lzma.open(src, "rb") as f:
             raw = [line for line in f if line.strip()]
         sizes = [len(json.loads(line)["text"].encode("utf-8")) for line in raw]
@@ -77,6 +99,8 @@ def build_mix(path: Path, mix_bytes: int) -> Path:
                 break
             lines.append(line if line.endswith(b"\n") else line + b"\n")
             size += n
+    if hostile:
+        lines += [(json.dumps({"text": t}) + "\n").encode() for t in HOSTILE]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
@@ -116,13 +140,24 @@ def timed(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def hf_tokenizer(work: Path, mix: Path, style: str) -> Path:
+    """A 32k Hugging Face byte-level BPE of ``style``, trained on the mix (cached)."""
+    from data_prep.train_hf_tokenizer import train_hf_bpe
+
+    out = work / "tokenizer" / f"hf-{style}-32k_{mix.stem}"
+    if (out / "tokenizer.json").is_file():
+        return out
+    return train_hf_bpe([Corpus("mix", paths=[str(mix)])], out, 32000, style=style, progress=False)
+
+
 def megatron_cmd(args, mix: Path, model: Path, prefix: Path) -> list[str]:
+    kind = "HuggingFaceTokenizer" if model.is_dir() else "SentencePieceTokenizer"
     return [
         args.megatron_python,
         str(Path(args.megatron_lm) / "tools" / "preprocess_data.py"),
         "--input", str(mix),
         "--output-prefix", str(prefix),
-        "--tokenizer-type", "SentencePieceTokenizer",
+        "--tokenizer-type", kind,
         "--tokenizer-model", str(model),
         "--workers", str(args.workers),
         "--append-eod",
@@ -148,15 +183,27 @@ def same_files(a: Path, b: Path) -> bool:
 
 
 def reference_digests(mix: Path, model: Path) -> tuple[str, str]:
-    """sha256 of ``.bin``/``.idx`` holding ``sp.encode(doc) + [eos]`` per document (streamed)."""
-    sp = spm.SentencePieceProcessor(model_file=str(model))
-    dtype, code = (np.uint16, 8) if sp.get_piece_size() < 65500 else (np.int32, 4)
+    """sha256 of ``.bin``/``.idx`` holding ``encode(doc) + [eos]`` per document (streamed):
+    ``sp.encode``, or a Hugging Face tokenizer's ``encode(doc, add_special_tokens=False)`` and
+    its config's EOS token."""
+    if model.is_dir():
+        from tokenizers import Tokenizer
+
+        hf = Tokenizer.from_file(str(model / "tokenizer.json"))
+        eos_token = json.loads((model / "tokenizer_config.json").read_text())["eos_token"]
+        eos, size = hf.token_to_id(eos_token), hf.get_vocab_size(with_added_tokens=True)
+        encode = lambda batch: [e.ids for e in hf.encode_batch(batch, add_special_tokens=False)]  # noqa: E731
+    else:
+        sp = spm.SentencePieceProcessor(model_file=str(model))
+        eos, size = sp.eos_id(), sp.get_piece_size()
+        encode = lambda batch: sp.encode(batch, num_threads=2)  # noqa: E731
+    dtype, code = (np.uint16, 8) if size < 65500 else (np.int32, 4)
     bin_hash, lens, docs = hashlib.sha256(), [], [0]
 
     def flush(batch: list[str]) -> None:
-        for ids in sp.encode(batch, num_threads=2):
+        for ids in encode(batch):
             if ids:
-                seq = np.array(ids + [sp.eos_id()], dtype=dtype)
+                seq = np.array(ids + [eos], dtype=dtype)
                 bin_hash.update(seq.tobytes())
                 lens.append(len(seq))
             docs.append(len(lens))
@@ -196,7 +243,17 @@ def main() -> None:
     ap.add_argument("--megatron-lm", help="Megatron-LM checkout (tag core_v0.16.1)")
     ap.add_argument("--megatron-python", default=sys.executable, help="interpreter for Megatron")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--tokenizer", help="sentencepiece .model (default: BPE 32k on the mix)")
+    ap.add_argument(
+        "--tokenizer",
+        help="sentencepiece .model or Hugging Face tokenizer dir (default: BPE 32k on the mix)",
+    )
+    ap.add_argument(
+        "--hf-tokenizer",
+        choices=["gpt2", "llama3"],
+        help="a Hugging Face byte-level BPE of this style, trained on the mix",
+    )
+    ap.add_argument("--corpora", help="comma-separated shared corpora for the mix (default: all)")
+    ap.add_argument("--hostile", action="store_true", help="append hostile documents to the mix")
     ap.add_argument("--input", help="JSONL file with a 'text' field (default: the corpora mix)")
     ap.add_argument("--mix-mb", type=float, default=50.0, help="MB of text in the default mix")
     ap.add_argument("--copies", type=int, default=1, help="repeat the default mix this many times")
@@ -207,14 +264,23 @@ def main() -> None:
         ap.error("--rounds must be >= 3 for a side-by-side comparison")
 
     work = Path(args.work_dir)
-    base = build_mix(work / f"mix{args.mix_mb:g}mb.jsonl", int(args.mix_mb * 1e6))
+    names = args.corpora.split(",") if args.corpora else None
+    tag = (f"_{'-'.join(names)}" if names else "") + ("_hostile" if args.hostile else "")
+    base = build_mix(
+        work / f"mix{args.mix_mb:g}mb{tag}.jsonl", int(args.mix_mb * 1e6), names, args.hostile
+    )
     if args.input:
         mix = Path(args.input)
     elif args.copies > 1:
         mix = repeat_file(base, work / f"mix{args.mix_mb:g}mb_x{args.copies}.jsonl", args.copies)
     else:
         mix = base
-    model = Path(args.tokenizer) if args.tokenizer else default_tokenizer(work, base)
+    if args.tokenizer:
+        model = Path(args.tokenizer)
+    elif args.hf_tokenizer:
+        model = hf_tokenizer(work, base, args.hf_tokenizer)
+    else:
+        model = default_tokenizer(work, base)
     ours_out, meg_out = work / "out-ours", work / "out-megatron"
     print(f"input: {mix} ({mix.stat().st_size / 1e6:.1f} MB of JSONL); tokenizer: {model}")
     print(f"workers: {args.workers}; cores: {os.cpu_count()}; load before: {load()}")
@@ -284,7 +350,7 @@ def main() -> None:
         ref = reference_digests(mix, model)
         prefix = ours_out / "mix_text_document"
         got = (file_digest(f"{prefix}.bin"), file_digest(f"{prefix}.idx"))
-        print(f"byte-identical to sp.encode(doc) + [eos] in MMIDIDX: {got == ref}")
+        print(f"byte-identical to encode(doc) + [eos] in MMIDIDX: {got == ref}")
         if got != ref:
             sys.exit(1)
     print(f"load after: {load()}")

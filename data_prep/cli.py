@@ -78,9 +78,11 @@ def cmd_train_tokenizer(args) -> None:
     if args.kind == "hf-bpe":
         from data_prep.train_hf_tokenizer import train_hf_bpe
 
-        print(
-            train_hf_bpe(_corpora(args), args.out, args.vocab_size, progress=not args.no_progress)
+        progress = not args.no_progress
+        out = train_hf_bpe(
+            _corpora(args), args.out, args.vocab_size, style=args.hf_style, progress=progress
         )
+        print(out)
         return
     from data_prep.train_tokenizer import TokenizerOptions, train_tokenizer
 
@@ -245,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
                   help="sentencepiece: a model prefix (writes PREFIX.model/.vocab/.json); "
                   "hf-bpe: the tokenizer directory")  # fmt: skip
     p.add_argument("--kind", choices=["sentencepiece", "hf-bpe"], default="sentencepiece")
+    p.add_argument(
+        "--hf-style",
+        choices=["gpt2", "llama3"],
+        default="gpt2",
+        help="hf-bpe: GPT-2's pre-tokenizer and <|endoftext|>, or Llama 3's regex and specials",
+    )
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument(

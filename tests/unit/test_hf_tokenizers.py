@@ -158,6 +158,20 @@ def test_train_tokenizer_hf_bpe_command(tmp_path, docs):
     assert (tmp_path / "a/tokenizer.json").read_bytes() == (
         tmp_path / "b/tokenizer.json"
     ).read_bytes()
+    run = subprocess.run(
+        [sys.executable, "-m", "data_prep", "train-tokenizer", "--kind", "hf-bpe", "--hf-style",
+         "llama3", "--corpus", f"c={jsonl}", "--vocab-size", "600", "--out",
+         str(tmp_path / "l3"), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    from data_prep.tokenizer_kinds import load_tokenizer
+
+    l3, ours = AutoTokenizer.from_pretrained(str(tmp_path / "l3")), load_tokenizer(tmp_path / "l3")
+    text = "It's 2026: naïve 東京"
+    assert l3(text)["input_ids"][0] == l3.bos_token_id == ours.bos  # the template's BOS
+    assert l3(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    assert l3.eos_token == "<|end_of_text|>" and ours.eod == l3.eos_token_id
 
 
 def test_bad_tokenizers_are_refused_naming_them(tmp_path, tokenizers_dir, docs):
