@@ -3,10 +3,12 @@
 Everything that writes or reads a checkpoint's state goes through :class:`TrainerState`::
 
     {
-      "version": 2,                      # this schema; absent in checkpoints written before it
+      "version": 3,                      # this schema; absent in checkpoints written before it
       "step": int, "consumed_samples": int, "skipped_steps": int,
+      "origin": "train" | "import",      # version >= 3: an import holds weights only
       "config": {...},                   # the run's full TrainConfig as plain data
-      "topology": {"tensor": T, "data": D, "zero_stage": Z, "pipeline": P},  # P: version >= 2
+      "topology": {"tensor": T, "data": D, "zero_stage": Z, "pipeline": P, "context": C},
+                                         # P: version >= 2, C: version >= 3 (1 before)
       "tp_layout": {param: {"dim": d|null, "stride": s}},
       "versions": {library: version},
       "tokenizer": {"file": "tokenizer.model", "sha256": …, "vocab_size": V, "eod": id}
@@ -24,7 +26,7 @@ from typing import Any
 
 from data_prep.base.errors import CheckpointError
 
-STATE_VERSION = 2  # 2: topology.pipeline
+STATE_VERSION = 3  # 2: topology.pipeline; 3: topology.context, origin
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,12 @@ class Topology:
     data: int
     zero_stage: int
     pipeline: int = 1
+    context: int = 1
 
     def describe(self) -> str:
         pp = f"×PP{self.pipeline}" if self.pipeline > 1 else ""
-        return f"TP{self.tensor}×DP{self.data}{pp} ZeRO-{self.zero_stage}"
+        cp = f"×CP{self.context}" if self.context > 1 else ""
+        return f"TP{self.tensor}{cp}×DP{self.data}{pp} ZeRO-{self.zero_stage}"
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class TrainerState:
     tokenizer: TokenizerInfo
     skipped_steps: int = 0
     versions: dict[str, str] = field(default_factory=dict)
+    #: ``"train"``: written by a run (resumable); ``"import"``: weights only
+    #: (``pretrain.import_hf``), a starting point for ``checkpoint.init_from``
+    origin: str = "train"
     version: int = STATE_VERSION
 
     @property
@@ -95,6 +102,7 @@ class TrainerState:
                 tp_layout=_dict(data, "tp_layout", where),
                 tokenizer=TokenizerInfo(**_tokenizer(data, where)),
                 versions=_dict(data, "versions", where, default={}),
+                origin=_origin(data, where),
                 version=version,
             )
         except TypeError as e:
@@ -127,8 +135,19 @@ def _ints(data: dict, key: str, names: tuple[str, ...], where) -> dict[str, int]
 def _topology(data: dict, where) -> Topology:
     fields = _ints(data, "topology", _TOPOLOGY_KEYS, where)
     section = data["topology"]
-    pipeline = _int(section, "pipeline", f"{where} [topology]") if "pipeline" in section else 1
-    return Topology(**fields, pipeline=pipeline)
+    optional = {
+        key: _int(section, key, f"{where} [topology]")
+        for key in ("pipeline", "context")
+        if key in section
+    }
+    return Topology(**fields, **optional)
+
+
+def _origin(data: dict, where) -> str:
+    origin = data.get("origin", "train")
+    if origin not in ("train", "import"):
+        raise CheckpointError(f"{where}: key 'origin' must be 'train' or 'import', got {origin!r}")
+    return origin
 
 
 def _tokenizer(data: dict, where) -> dict[str, Any]:

@@ -127,8 +127,14 @@ def test_pipeline_runs_log_their_layout_and_stage_count(curves):
     state = json.loads(
         (runs["PP2xTP2"] / "checkpoints/step_00000010/trainer_state.json").read_text()
     )
-    assert state["topology"] == {"tensor": 2, "data": 1, "zero_stage": 1, "pipeline": 2}
-    assert state["version"] == 2
+    assert state["topology"] == {
+        "tensor": 2,
+        "data": 1,
+        "zero_stage": 1,
+        "pipeline": 2,
+        "context": 1,
+    }
+    assert state["version"] == 3 and state["origin"] == "train"
     # one model-states file per (stage, TP rank): mp_rank_{stage·TP + tp}
     tag = runs["PP2xTP2"] / "checkpoints/step_00000010"
     assert sorted(f.name for f in tag.glob("mp_rank_*_model_states.pt")) == [
