@@ -9,6 +9,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from model import megatron_compat
+from model.attention.context_parallel import COMM_TYPES
 from model.attention.first_values import FirstLayerValues
 from model.inference.context import DecodeSlot
 from model.model_config import ModelConfig
@@ -18,24 +19,37 @@ from model.pipeline_stages import (
     stage_layers,
     use_global_layer_names,
 )
-from model.spec import block_spec
+from model.spec import block_spec, layer_spec
 from model.tp_layout import shard, split_of
 
-_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swiglu": F.silu}
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+_ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": _gelu_tanh, "relu": F.relu, "swiglu": F.silu}
 
 
 def transformer_config(
-    cfg: ModelConfig, *, sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32
+    cfg: ModelConfig,
+    *,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    context_mode: str = "allgather",
 ) -> TransformerConfig:
-    """megatron-core's ``TransformerConfig`` for ``cfg`` at the current tensor-parallel size.
+    """megatron-core's ``TransformerConfig`` for ``cfg`` at the current tensor-, pipeline- and
+    context-parallel sizes (``context_mode``: ``allgather`` or ``ulysses``, see
+    ``model.attention.context_parallel``).
 
     Master weights are always initialised on the CPU from one seed, so every TP size builds
     shards of the same weights; CUDA-only fusions stay off (the kernels here are torch's).
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
+    cp = parallel_state.get_context_parallel_world_size()
     cfg.check_tensor_parallel(tp)
     cfg.check_pipeline_parallel(pp)
+    cfg.check_context_parallel(cp, context_mode, tp)
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -47,11 +61,14 @@ def transformer_config(
         layernorm_epsilon=cfg.layernorm_epsilon,
         normalization=cfg.normalization,
         add_bias_linear=cfg.add_bias_linear,
+        add_qkv_bias=cfg.qkv_bias,
         gated_linear_unit=cfg.activation == "swiglu",
         activation_func=_ACTIVATIONS[cfg.activation],
         init_method_std=cfg.init_std,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        cp_comm_type=COMM_TYPES[context_mode] if cp > 1 else None,
         pipeline_dtype=params_dtype,
         batch_p2p_sync=torch.cuda.is_available(),  # its only effect is a CUDA synchronize
         sequence_parallel=sequence_parallel and tp > 1,
@@ -67,7 +84,11 @@ def transformer_config(
 
 
 def build_gpt(
-    cfg: ModelConfig, *, sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32
+    cfg: ModelConfig,
+    *,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    context_mode: str = "allgather",
 ) -> GPTModel:
     """A megatron-core GPT whose attention layers follow ``cfg`` (needs ``parallel_state``).
 
@@ -83,7 +104,12 @@ def build_gpt(
             "(pretrain.parallel.distributed.init does)"
         )
     init_seed = torch.initial_seed()
-    config = transformer_config(cfg, sequence_parallel=sequence_parallel, params_dtype=params_dtype)
+    config = transformer_config(
+        cfg,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        context_mode=context_mode,
+    )
     layers = stage_layers(config)
     first_values = FirstLayerValues() if cfg.uses_first_values else None
     with megatron_compat.tensor_cuda_is_identity():  # the tied copy's sync at P > 1 calls .cuda()
@@ -97,6 +123,7 @@ def build_gpt(
             share_embeddings_and_output_weights=cfg.tied_embeddings,
             position_embedding_type=cfg.position_embedding,
             rotary_base=cfg.rotary_base,
+            **rope_scaling(cfg),
             parallel_output=True,
         )
     use_global_layer_names(model, layers.start)
@@ -106,11 +133,37 @@ def build_gpt(
         first_values.attach(model)
         if config.pipeline_model_parallel_size > 1:
             groups = cfg.query_groups // config.tensor_model_parallel_size
-            transport = FirstValuesTransport(first_values, cfg.hidden_size, groups, cfg.head_dim)
+            fold = config.tensor_model_parallel_size if config.sequence_parallel else 1
+            transport = FirstValuesTransport(
+                first_values, cfg.hidden_size, groups, cfg.head_dim, fold
+            )
             transport.attach(model)
             model.first_values_transport = transport  # its shapes go to the schedule
     DecodeSlot().attach(model)  # forward(..., inference_context=DecodeContext) decodes
     return model
+
+
+def initial_layer(cfg: ModelConfig, index: int, init_seed: int) -> torch.nn.Module:
+    """Layer ``index`` alone, initialised exactly as :func:`build_gpt` at pipeline size 1
+    initialises it from ``init_seed`` (every layer has its own stream): where an import draws
+    the parameters its source lacks (a retrofit that adds some) without building the model."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    config = transformer_config(cfg)
+    first_values = FirstLayerValues() if cfg.uses_first_values else None
+    spec = layer_spec(cfg, cfg.variant_of_layer(index), first_values, init_seed)
+    return build_module(spec, config=config, layer_number=index + 1)
+
+
+def rope_scaling(cfg: ModelConfig) -> dict:
+    """``GPTModel``'s RoPE scaling arguments for ``cfg.rope_scaling``: Llama 3.1's frequency
+    scaling (megatron-core's fixed low/high frequency factors 1 and 4, original context 8192) or
+    linear position interpolation (positions divided by the factor)."""
+    if cfg.rope_scaling == "llama3":
+        return {"rope_scaling": True, "rope_scaling_factor": cfg.rope_scaling_factor}
+    if cfg.rope_scaling == "linear":
+        return {"seq_len_interpolation_factor": cfg.rope_scaling_factor}
+    return {}
 
 
 def _init_output_layer(model: GPTModel, config: TransformerConfig, seed: int) -> None:

@@ -14,6 +14,9 @@ available):
   ``device=torch.cuda.current_device()``, which raises on a CPU-only torch.
 * ``megatron.core.pipeline_parallel.schedules.torch`` is a proxy of ``torch`` whose ``zeros``
   maps ``device="cuda"`` to the CPU: the pipeline schedules allocate a token counter on "cuda".
+* ``rotary_pos_embedding.get_pos_emb_on_this_cp_rank`` (the RoPE slice of a context-parallel
+  rank: chunks ``r`` and ``2C−1−r``) builds its index tensor with ``pin_memory=True`` and
+  ``.cuda()``: the same selection with a CPU index on a CPU-only torch.
 * megatron's model-parallel RNG tracker (``tensor_parallel.random._CUDA_RNG_STATE_TRACKER`` and
   ``_CUDA_RNG_STATE_TRACKER_INITIALIZED``) is replaced by :class:`CpuRngTracker` by
   :func:`install_cpu_rng_tracker` (``pretrain.parallel.rng`` calls it when it seeds a run).
@@ -59,7 +62,21 @@ def install() -> None:
     from megatron.core.pipeline_parallel import schedules
 
     schedules.torch = _torch_without_cuda_zeros()
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+
+    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = pos_emb_on_this_cp_rank
     _installed = True
+
+
+def pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
+    """megatron's ``get_pos_emb_on_this_cp_rank`` without its pinned-memory CUDA index: the
+    positions of chunks ``rank`` and ``2·size − 1 − rank`` of ``2·size`` equal chunks."""
+    size, rank = cp_group.size(), cp_group.rank()
+    index = torch.tensor([rank, 2 * size - rank - 1], device=pos_emb.device)
+    shape = pos_emb.shape
+    chunks = pos_emb.view(*shape[:seq_dim], 2 * size, -1, *shape[seq_dim + 1 :])
+    picked = chunks.index_select(seq_dim, index)
+    return picked.view(*shape[:seq_dim], -1, *shape[seq_dim + 1 :])
 
 
 def _torch_without_cuda_zeros() -> types.ModuleType:

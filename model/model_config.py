@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,7 +18,11 @@ class ModelConfig:
 
     ``attention_layers`` is ``"all"``, ``"none"``, ``"first:K"``, ``"last:K"`` or a list of 0-based
     layer indices. ``recompute``: ``"none"``, ``"selective"`` (core attention only) or ``"full"``
-    (whole transformer layers).
+    (whole transformer layers). ``qkv_bias``: a bias on the QKV projection only (Qwen2; implied
+    by ``add_bias_linear``). ``rope_scaling``: ``"linear"`` divides positions by
+    ``rope_scaling_factor``; ``"llama3"`` is Llama 3.1's frequency scaling (megatron-core fixes
+    its other parameters: low/high frequency factors 1 and 4, original context 8192).
+    ``activation`` ``"gelu_tanh"`` is GELU's tanh approximation (GPT-2's ``gelu_new``).
     """
 
     num_layers: int = 2
@@ -30,10 +35,13 @@ class ModelConfig:
     seq_length: int = 64
     position_embedding: Literal["rope", "learned_absolute"] = "rope"
     rotary_base: int = 10000
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    rope_scaling_factor: float = 1.0
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     layernorm_epsilon: float = 1e-5
-    activation: Literal["gelu", "relu", "swiglu"] = "gelu"
+    activation: Literal["gelu", "gelu_tanh", "relu", "swiglu"] = "gelu"
     add_bias_linear: bool = True
+    qkv_bias: bool = False
     tied_embeddings: bool = True
     attention: str = "twicing"
     attention_layers: str | list[int] = "all"
@@ -51,6 +59,7 @@ class ModelConfig:
             value = getattr(self, key)
             check(value is None or value > 0, f"model.{key}", f"must be > 0 (or null), got {value}")
         check(self.rotary_base > 0, "model.rotary_base", f"must be > 0, got {self.rotary_base}")
+        self._check_rope_scaling()
         check(
             self.layernorm_epsilon > 0,
             "model.layernorm_epsilon",
@@ -114,6 +123,27 @@ class ModelConfig:
         check(self.vocab_pad_multiple > 0, "model.vocab_pad_multiple", "must be > 0")
         check(self.init_std > 0, "model.init_std", f"must be > 0, got {self.init_std}")
 
+    def _check_rope_scaling(self) -> None:
+        factor = self.rope_scaling_factor
+        check(
+            math.isfinite(factor) and factor > 0,
+            "model.rope_scaling_factor",
+            f"must be a finite number > 0, got {factor}",
+        )
+        if self.rope_scaling == "none":
+            check(
+                factor == 1.0,
+                "model.rope_scaling_factor",
+                f"is {factor}, but model.rope_scaling is 'none' (set linear or llama3)",
+            )
+        else:
+            check(
+                self.position_embedding == "rope",
+                "model.rope_scaling",
+                f"{self.rope_scaling!r} scales RoPE, but position_embedding is "
+                f"{self.position_embedding!r}",
+            )
+
     @property
     def padded_vocab_size(self) -> int:
         """Embedding rows: vocabulary rounded up to ``vocab_pad_multiple`` (same for every TP)."""
@@ -147,6 +177,28 @@ class ModelConfig:
             "model.num_layers",
             f"{self.num_layers} layers are not divisible by pipeline-parallel size {pp}",
         )
+
+    def check_context_parallel(self, cp: int, mode: str, tp: int = 1) -> None:
+        """Raise ``ConfigError`` unless a sample's sequence splits over ``cp`` ranks: into ``2·cp``
+        equal chunks (each rank holds two, for causal load balance, in both modes), and, for
+        ``ulysses``, this TP rank's heads and key/value groups divide by ``cp``."""
+        if cp == 1:
+            return
+        check(
+            self.seq_length % (2 * cp) == 0,
+            "model.seq_length",
+            f"{self.seq_length} is not divisible by 2 × parallel.context = {2 * cp} (each "
+            "context-parallel rank holds two equal chunks of every sequence)",
+        )
+        if mode == "ulysses":
+            heads, groups = self.num_attention_heads // tp, self.query_groups // tp
+            check(
+                heads % cp == 0 and groups % cp == 0,
+                "parallel.context_mode",
+                f"ulysses splits each TP rank's {heads} query heads and {groups} key/value "
+                f"groups over {cp} context-parallel ranks: both must be divisible by "
+                f"parallel.context={cp}; use parallel.context_mode=allgather (any head count)",
+            )
 
     def check_tensor_parallel(self, tp: int) -> None:
         """Raise ``ConfigError`` unless heads and query groups split evenly over ``tp`` ranks."""

@@ -46,13 +46,25 @@ class FirstValuesTransport:
     """Carries layer 0's values V¹ to later stages inside the one tensor a stage sends:
     ``[hidden | V¹]`` of shape ``[s, b, hidden + width]`` (``width`` = this rank's value heads ×
     head dim). One tensor because megatron's schedule back-propagates only the first output;
-    gradients reach layer 0's value projection through the concatenation."""
+    gradients reach layer 0's value projection through the concatenation.
+
+    With sequence parallelism (``fold`` = the TP size) the hidden states that cross are this TP
+    rank's ``s/TP`` slice of the sequence, while V¹ covers the whole (local) sequence for this
+    rank's heads: V¹ is sent whole, its ``TP`` sequence slices side by side in the feature
+    dimension (``width`` = ``TP`` × heads × head dim), and unfolded on arrival. Sending only the
+    slice would lose the other positions of this rank's heads, which no other rank holds."""
 
     def __init__(
-        self, holder: FirstLayerValues, hidden_size: int, groups: int, head_dim: int
+        self,
+        holder: FirstLayerValues,
+        hidden_size: int,
+        groups: int,
+        head_dim: int,
+        fold: int = 1,
     ) -> None:
         self.holder, self.hidden_size, self.head_dim = holder, hidden_size, head_dim
-        self.width = groups * head_dim
+        self.fold = fold
+        self.width = groups * head_dim * fold
 
     def attach(self, model: torch.nn.Module) -> None:
         if not model.pre_process:
@@ -69,12 +81,18 @@ class FirstValuesTransport:
             return
         hidden, values = tensor.split([self.hidden_size, self.width], dim=-1)
         s, b = values.shape[:2]
+        if self.fold > 1:  # [s/TP, b, TP·w] → [s, b, w]
+            values = values.reshape(s, b, self.fold, -1).permute(2, 0, 1, 3)
+            s = s * self.fold
         self.holder.arrive(values.reshape(s, b, -1, self.head_dim).transpose(0, 1))
         set_decoder_input(hidden)
 
     def _append(self, _module, _args, hidden: torch.Tensor) -> torch.Tensor:
-        v = self.holder.get()  # [b, s, groups, head_dim]
-        return torch.cat([hidden, v.transpose(0, 1).reshape(*hidden.shape[:2], -1)], dim=-1)
+        v = self.holder.get().transpose(0, 1)  # [s, b, groups, head_dim]
+        s, b = v.shape[:2]
+        if self.fold > 1:  # [s, b, w] → [s/TP, b, TP·w]
+            v = v.reshape(self.fold, s // self.fold, b, -1).permute(1, 2, 0, 3)
+        return torch.cat([hidden, v.reshape(*hidden.shape[:2], -1)], dim=-1)
 
     def adjust_shapes(self, recv: list, send: list) -> tuple[list, list]:
         """For the schedule: every tensor between stages is ``width`` wider."""
@@ -83,3 +101,14 @@ class FirstValuesTransport:
             return [(*shape[:-1], shape[-1] + self.width) for shape in shapes]
 
         return wider(recv), wider(send)
+
+
+def stage_of_parameter(name: str, num_layers: int, pp: int) -> int:
+    """The pipeline stage (of ``pp``) that holds parameter ``name`` of the whole model (global
+    names): a layer's stage, the embedding's the first, the final norm's and the output layer's
+    the last (a tied embedding's copy there is not a parameter of the PP=1 model)."""
+    if name.startswith("decoder.layers."):
+        return int(name.split(".")[2]) // (num_layers // pp)
+    if name.startswith("embedding."):
+        return 0
+    return pp - 1

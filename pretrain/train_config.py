@@ -21,13 +21,18 @@ from model import ModelConfig
 
 @dataclass
 class ParallelConfig:
-    """Tensor × data × pipeline parallel; DP = world size / (tensor × pipeline).
+    """Tensor × context × data × pipeline parallel; DP = world / (tensor × context × pipeline).
 
-    Rank order is megatron's tp-dp-pp: TP ranks are adjacent, pipeline stages are the slowest
-    dimension (place them across nodes)."""
+    Rank order is megatron's tp-cp-dp-pp: TP ranks are adjacent, then the context-parallel ranks
+    that share a sample's sequence, pipeline stages are the slowest dimension (place them across
+    nodes). ``context_mode``: how attention crosses the context-parallel ranks
+    (``model.attention.context_parallel``): ``allgather`` (any head count) or ``ulysses``
+    (all-to-all; needs this rank's heads and key/value groups divisible by ``context``)."""
 
     tensor: int = 1
     pipeline: int = 1
+    context: int = 1
+    context_mode: Literal["allgather", "ulysses"] = "allgather"
     zero_stage: int = 1
     offload_optimizer: bool = False
     sequence_parallel: bool = False
@@ -36,6 +41,19 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         check(self.tensor >= 1, "parallel.tensor", f"must be >= 1, got {self.tensor}")
         check(self.pipeline >= 1, "parallel.pipeline", f"must be >= 1, got {self.pipeline}")
+        check(self.context >= 1, "parallel.context", f"must be >= 1, got {self.context}")
+        if self.context > 1:
+            check(
+                self.zero_stage != 3,
+                "parallel.zero_stage",
+                "ZeRO-3 with context parallelism is not supported (untested; use zero_stage 0, "
+                "1 or 2)",
+            )
+            check(
+                not self.offload_optimizer,
+                "parallel.offload_optimizer",
+                "optimizer offload with context parallelism is not supported (untested)",
+            )
         if self.pipeline > 1:
             check(
                 self.zero_stage != 3,
@@ -43,11 +61,6 @@ class ParallelConfig:
                 "ZeRO-3 with pipeline parallelism is refused: DeepSpeed's ZeRO-3 runs a "
                 "collective in every forward, which deadlocks against the other stages' p2p "
                 "(use zero_stage 0, 1 or 2)",
-            )
-            check(
-                not self.sequence_parallel,
-                "parallel.sequence_parallel",
-                "sequence parallelism with pipeline parallelism is not supported (untested)",
             )
             check(
                 not self.offload_optimizer,
@@ -206,6 +219,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.model.check_tensor_parallel(self.parallel.tensor)
         self.model.check_pipeline_parallel(self.parallel.pipeline)
+        self.model.check_context_parallel(
+            self.parallel.context, self.parallel.context_mode, self.parallel.tensor
+        )
         p = self.parallel
         check(
             not (p.pipeline > 2 and p.zero_stage == 2 and self.model.tied_embeddings),
@@ -231,14 +247,17 @@ class TrainConfig:
 
     def data_parallel_size(self, world_size: int) -> int:
         """DP size for ``world_size`` ranks; raises ``ConfigError`` when the shapes do not fit."""
-        tp, pp = self.parallel.tensor, self.parallel.pipeline
+        tp, pp, cp = self.parallel.tensor, self.parallel.pipeline, self.parallel.context
+        key = "parallel.pipeline" if pp > 1 else "parallel.context" if cp > 1 else "parallel.tensor"
         check(
-            world_size % (tp * pp) == 0,
-            "parallel.tensor" if pp == 1 else "parallel.pipeline",
+            world_size % (tp * cp * pp) == 0,
+            key,
             f"world size {world_size} is not divisible by tensor-parallel size {tp}"
-            + (f" × pipeline-parallel size {pp} = {tp * pp}" if pp > 1 else ""),
+            + (f" × context-parallel size {cp}" if cp > 1 else "")
+            + (f" × pipeline-parallel size {pp}" if pp > 1 else "")
+            + (f" = {tp * cp * pp}" if cp * pp > 1 else ""),
         )
-        dp = world_size // (tp * pp)
+        dp = world_size // (tp * cp * pp)
         per_step = self.training.micro_batch_size * dp
         check(
             self.training.global_batch_size % per_step == 0,

@@ -20,10 +20,12 @@ from typing import ClassVar
 
 import torch
 import torch.utils.checkpoint
+from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from model.attention import context_parallel as cp
 from model.attention.backend import Backend, ResolvedBackend, repeat_kv, resolve_backend
 from model.attention.first_values import FirstLayerValues
 from model.attention.registry import AttentionVariant, variant
@@ -66,8 +68,19 @@ class CoreAttention(MegatronModule):
         options: dict[str, float] | None = None,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("context parallelism is not supported by twicing-lm core attention")
+        #: context parallelism (``model.attention.context_parallel``): the group and the mode
+        self.cp_group = None
+        self.cp_mode: str | None = None
+        if config.context_parallel_size > 1:
+            modes = {v: k for k, v in cp.COMM_TYPES.items()}
+            if cp_comm_type not in modes:
+                raise ValueError(
+                    f"context parallelism needs cp_comm_type {sorted(modes)}, got {cp_comm_type!r}"
+                )
+            self.cp_mode = modes[cp_comm_type]
+            self.cp_group = parallel_state.get_context_parallel_group()
+        #: Ulysses: which of this rank's heads the current forward runs (None: all)
+        self.heads: slice | None = None
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
         self.backend: Backend = backend
@@ -117,6 +130,34 @@ class CoreAttention(MegatronModule):
         ``seq_q <= seq_k``: the queries are the last positions (bottom-right causal); ``mask``
         (bool ``[b, 1, s_q, s_k]``, True = may attend) hides padding keys."""
         raise NotImplementedError
+
+    def context_parallel(self, q, k, v, causal: bool, *extra: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the attention of a sequence split over the context-parallel
+        group (``q``/``k``/``v``/``extra``: this rank's two chunks, ``[b, s/C, …]``)."""
+        if not causal:
+            raise ValueError("context parallelism needs causal attention")
+        layout = cp.layout_for(self.cp_group, q.size(1))
+        if self.cp_mode == "ulysses":
+            q, k, v, *extra = (cp.seq_to_heads(t, self.cp_group, layout) for t in (q, k, v, *extra))
+            self.heads = cp.head_slice(layout, q.size(2) * layout.size)
+            try:
+                out = self.attention(q, k, v, True, *extra)
+            finally:
+                self.heads = None
+            return cp.heads_to_seq(out, self.cp_group, layout)
+        k, v, *extra = (cp.gather_sequence(t, self.cp_group, layout) for t in (k, v, *extra))
+        return self.chunked_attention(layout, q, k, v, *extra)
+
+    def chunked_attention(self, layout: cp.ChunkLayout, q, k, v, *extra) -> torch.Tensor:
+        """All-gather mode: each local query chunk against the gathered keys up to its end (the
+        queries are the last positions: bottom-right causal, as in decoding)."""
+
+        def chunk(q_chunk, end):
+            return self.attention(
+                q_chunk, k[:, :end], v[:, :end], True, *(e[:, :end] for e in extra)
+            )
+
+        return cp.per_chunk(layout, q, chunk)
 
     def decode(
         self,
@@ -174,11 +215,13 @@ class CoreAttention(MegatronModule):
                 raise ValueError("incremental decoding needs causal attention layers")
             mask = ctx.key_mask(q.size(0), q.size(1), k.size(1), q.device)
             out = self.decode(q, k, v, ctx, mask, *extra)
-        elif self.recompute and self.training and torch.is_grad_enabled():
-            out = torch.utils.checkpoint.checkpoint(
-                self.attention, q, k, v, causal, *extra, use_reentrant=False
-            )
         else:
-            out = self.attention(q, k, v, causal, *extra)
+            run = self.context_parallel if self.cp_group is not None else self.attention
+            if self.recompute and self.training and torch.is_grad_enabled():
+                out = torch.utils.checkpoint.checkpoint(
+                    run, q, k, v, causal, *extra, use_reentrant=False
+                )
+            else:
+                out = run(q, k, v, causal, *extra)
         s, b = query.size(0), query.size(1)
         return out.transpose(0, 1).reshape(s, b, -1)

@@ -111,7 +111,9 @@ class NeuralCoreAttention(CoreAttention, name="neural"):
             self.register_parameter(name, param)
 
     def _scorer(self) -> NeuralScorer:
-        return NeuralScorer(**{name: getattr(self, name) for name in _SHAPES})
+        """The weights of the heads this forward runs (Ulysses: this context rank's slice)."""
+        heads = self.heads or slice(None)
+        return NeuralScorer(**{name: getattr(self, name)[heads] for name in _SHAPES})
 
     def attention(self, q, k, v, causal, *extra, mask=None):
         return neural_attention(q, k, v, self._scorer(), causal=causal, mask=mask)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from model.attention import backend as kernels
+from model.attention import context_parallel as cp
 from model.attention.backend import Backend, attend, repeat_kv
 from model.attention.base import CoreAttention
 
@@ -113,6 +114,27 @@ class TwicingCoreAttention(CoreAttention, name="twicing"):
             backend=self.kernel,
             mask=mask,
         )
+
+    def chunked_attention(self, layout, q, k, v, *extra):
+        """All-gather mode: pass 1 per local chunk, O1 all-gathered (pass 2 reads every earlier
+        token's O1, which the rank owning that token computed), pass 2 per chunk over (K, O1)."""
+        scale, backend = self.softmax_scale, self.kernel
+
+        def first(q_chunk, end):
+            return attend(
+                q_chunk, k[:, :end], v[:, :end], causal=True, scale=scale, backend=backend
+            )
+
+        o1 = cp.per_chunk(layout, q, first)
+        o1_all = cp.gather_sequence(o1, self.cp_group, layout)
+        k_full = repeat_kv(k, q.size(2))
+
+        def second(q_chunk, end):
+            return attend(
+                q_chunk, k_full[:, :end], o1_all[:, :end], causal=True, scale=scale, backend=backend
+            )
+
+        return torch.lerp(cp.per_chunk(layout, q, second), o1, 2.0)  # 2·o1 − A·O1
 
     def decode(self, q, k, v, ctx, mask, *extra):
         """One step over the cache: pass 1 on (K, V), append o1 to O1, pass 2 on (K, O1)."""

@@ -38,6 +38,7 @@ def init(env: LaunchEnv, parallel: ParallelConfig, timeout_minutes: float) -> No
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor,
         pipeline_model_parallel_size=parallel.pipeline,
+        context_parallel_size=parallel.context,
         distributed_timeout_minutes=max(1, round(timeout_minutes)),
     )
 

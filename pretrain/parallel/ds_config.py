@@ -36,7 +36,11 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         # DeepSpeed every optimizer step is one "micro-batch" whose backwards only accumulate
         accumulation = 1
     ds = {
-        "train_batch_size": t.micro_batch_size * cfg.data_parallel_size(world_size) * accumulation,
+        # DeepSpeed's data parallel is DP × CP (context ranks share samples): it checks this size
+        "train_batch_size": t.micro_batch_size
+        * cfg.data_parallel_size(world_size)
+        * p.context
+        * accumulation,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": o.grad_clip,

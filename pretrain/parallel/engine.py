@@ -13,6 +13,7 @@ from megatron.core import parallel_state as ps
 from model import build_gpt
 from model.tp_layout import layout_of
 from pretrain.parallel import deepspeed_compat, distributed
+from pretrain.parallel.context import context_size, token_share
 from pretrain.parallel.ds_config import deepspeed_config
 from pretrain.parallel.mpu import MegatronMPU
 from pretrain.parallel.optimizer import zero0_optimizer
@@ -73,7 +74,11 @@ def build_engine(cfg: TrainConfig, world_size: int) -> Built:
     """megatron-core GPT (this rank's TP shard) inside a DeepSpeed engine."""
     import deepspeed
 
-    model = build_gpt(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel)
+    model = build_gpt(
+        cfg.model,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        context_mode=cfg.parallel.context_mode,
+    )
     tp, pp, zero = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.zero_stage
     num_params = count_parameters(model, tp)
     layout = stage_layout(model)
@@ -107,6 +112,8 @@ def build_engine(cfg: TrainConfig, world_size: int) -> Built:
 
 
 def lm_loss(engine, tokens, position_ids, labels, loss_mask) -> torch.Tensor:
-    """Mean next-token cross-entropy over the unmasked positions of a micro-batch."""
+    """Mean next-token cross-entropy over the unmasked positions of a micro-batch (with context
+    parallelism: ``C`` × this rank's share, see ``pretrain.parallel.context``)."""
     per_token = engine(tokens, position_ids, None, labels=labels)
-    return (per_token.float() * loss_mask).sum() / loss_mask.sum()
+    share = token_share((per_token.float() * loss_mask).sum(), loss_mask.sum())
+    return share * context_size()

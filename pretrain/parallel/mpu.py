@@ -14,8 +14,9 @@ from megatron.core import parallel_state as ps
 
 class MegatronMPU:
     """Model parallel = tensor × pipeline (megatron's model-parallel group; the TP group at
-    pipeline size 1, so checkpoint names ``mp_rank_XX`` stay as they were); data parallel as
-    megatron sets it."""
+    pipeline size 1, so checkpoint names ``mp_rank_XX`` stay as they were); data parallel =
+    megatron's data × context group: context-parallel ranks hold the same parameters, so
+    DeepSpeed averages their gradients and partitions ZeRO state over them too."""
 
     def get_model_parallel_group(self):
         if ps.get_pipeline_model_parallel_world_size() == 1:
@@ -41,16 +42,16 @@ class MegatronMPU:
         return ps.get_tensor_model_parallel_src_rank()
 
     def get_data_parallel_group(self):
-        return ps.get_data_parallel_group()
+        return ps.get_data_parallel_group(with_context_parallel=True)
 
     def get_data_parallel_rank(self) -> int:
-        return ps.get_data_parallel_rank()
+        return ps.get_data_parallel_rank(with_context_parallel=True)
 
     def get_data_parallel_world_size(self) -> int:
-        return ps.get_data_parallel_world_size()
+        return ps.get_data_parallel_world_size(with_context_parallel=True)
 
     def get_data_parallel_group_ranks(self) -> list[int]:
-        return dist.get_process_group_ranks(ps.get_data_parallel_group())
+        return dist.get_process_group_ranks(self.get_data_parallel_group())
 
     def get_pipeline_model_parallel_group(self):
         return ps.get_pipeline_model_parallel_group()

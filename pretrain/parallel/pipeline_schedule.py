@@ -16,6 +16,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from pretrain.parallel import deepspeed_compat
+from pretrain.parallel.context import token_share
 
 
 def tied_weight(module: torch.nn.Module) -> torch.nn.Parameter | None:
@@ -35,7 +36,8 @@ def tied_copy(module: torch.nn.Module) -> torch.nn.Parameter | None:
 
 
 def _masked_mean(loss_mask: torch.Tensor, per_token: torch.Tensor):
-    loss = (per_token.float() * loss_mask).sum() / loss_mask.sum()
+    # this context rank's share: megatron's schedule multiplies it by C (pipeline.context)
+    loss = token_share((per_token.float() * loss_mask).sum(), loss_mask.sum())
     # the schedule divides the returned loss by the number of micro-batches in place: report a copy
     return loss, {"loss": loss.detach().clone()}
 
@@ -61,6 +63,8 @@ class PipelineStep:
         """The step of a run with config ``cfg`` (a ``TrainConfig``): the forward runs through
         the engine, or the bare module at ZeRO-0."""
         runner = engine.module if cfg.parallel.zero_stage == 0 else engine
+        # the whole sequence: megatron's schedule divides it by the context (and, with sequence
+        # parallelism, tensor) parallel size for the tensors that cross stages
         return cls(engine, runner, cfg.model.seq_length, cfg.training.micro_batch_size)
 
     def _run(self, batches: list, loss_fn, forward_only: bool) -> list[dict]:

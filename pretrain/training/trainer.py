@@ -18,12 +18,13 @@ from pretrain.checkpoint.layout import tokenizer_files
 from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.checkpoint.state import TokenizerInfo, Topology, TrainerState
 from pretrain.parallel import deepspeed_compat, distributed, rng
+from pretrain.parallel.context import keep_local_tokens
 from pretrain.parallel.engine import build_engine, lm_loss
 from pretrain.parallel.launch_env import LaunchEnv
 from pretrain.parallel.optimizer import zero0_prepare_step
 from pretrain.parallel.pipeline_schedule import PipelineStep, sum_from_last_stage
 from pretrain.train_config import TrainConfig
-from pretrain.training.data import build_datasets, micro_batches
+from pretrain.training.data import Batch, build_datasets, micro_batches
 from pretrain.training.flops import flops_per_token, peak_tflops
 from pretrain.training.lr_schedule import lr_at
 from pretrain.training.metrics import Metrics, memory_gb
@@ -59,8 +60,12 @@ class Trainer:
         self.stop.install()
         distributed.init(env, cfg.parallel, cfg.training.timeout_minutes)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        #: data parallel (which samples a rank reads) and data × context parallel (over which
+        #: losses and evaluation sums are reduced: context ranks share samples)
         self.dp = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.cp = parallel_state.get_context_parallel_world_size()
+        self.dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.accumulation = cfg.grad_accumulation(self.world)
         self.device = distributed.device()
         self.lock = self._lock_run_dir()
@@ -142,14 +147,16 @@ class Trainer:
             data=self.dp,
             zero_stage=self.cfg.parallel.zero_stage,
             pipeline=self.cfg.parallel.pipeline,
+            context=self.cp,
         )
 
     # ------------------------------------------------------------------ loop
     def run(self) -> int:
         cfg = self.cfg
         pp = cfg.parallel.pipeline
+        cp = f" × CP {self.cp} ({cfg.parallel.context_mode})" if self.cp > 1 else ""
         self.metrics.print(
-            f"[train] {self.world} ranks (TP {cfg.parallel.tensor} × DP {self.dp}"
+            f"[train] {self.world} ranks (TP {cfg.parallel.tensor}{cp} × DP {self.dp}"
             + (f" × PP {pp}" if pp > 1 else "")
             + f"), ZeRO-{cfg.parallel.zero_stage}, {cfg.parallel.precision}, "
             + (
@@ -212,13 +219,15 @@ class Trainer:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         self.lr = lr
-        batches = micro_batches(
-            self.train_ds,
-            self.consumed_samples,
-            micro=cfg.training.micro_batch_size,
-            dp=self.dp,
-            dp_rank=self.dp_rank,
-            accumulation=self.accumulation,
+        batches = self._local(
+            micro_batches(
+                self.train_ds,
+                self.consumed_samples,
+                micro=cfg.training.micro_batch_size,
+                dp=self.dp,
+                dp_rank=self.dp_rank,
+                accumulation=self.accumulation,
+            )
         )
         if self.pipe is not None:
             return self._account(*self._pipeline_step(batches))
@@ -238,8 +247,15 @@ class Trainer:
             else:
                 engine.step()  # DeepSpeed accumulates until the last micro-batch
         mean = torch.stack(losses).mean()
-        dist.all_reduce(mean, group=parallel_state.get_data_parallel_group())
-        return self._account(mean.item() / self.dp, grad_norm, skipped)
+        dist.all_reduce(mean, group=self.dp_cp_group)
+        return self._account(mean.item() / (self.dp * self.cp), grad_norm, skipped)
+
+    @staticmethod
+    def _local(batches):
+        """This context-parallel rank's tokens of each micro-batch (all of them at CP 1)."""
+        for b in batches:
+            yield Batch(*(keep_local_tokens(t) for t in (b.tokens, b.labels, b.loss_mask,
+                                                         b.position_ids)))  # fmt: skip
 
     def _pipeline_step(self, batches) -> tuple[float, float | None, bool]:
         """One step at pipeline size > 1: the schedule, then the tied-embedding sum, (ZeRO-0)
@@ -262,6 +278,7 @@ class Trainer:
             deepspeed_compat.allreduce_gradients_now(engine)
         grad_norm, skipped = self._optimizer_step(nonfinite)
         mean = losses.mean() if losses is not None else torch.zeros((), device=self.device)
+        # the last stage's losses are context shares: they add up over the context ranks
         loss = sum_from_last_stage(mean).item() / self.dp
         return loss, grad_norm, skipped
 
@@ -346,13 +363,15 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         g = cfg.training.global_batch_size
         for k in range(cfg.training.eval_steps):
-            batches = micro_batches(
-                self.valid_ds,
-                k * g,
-                micro=cfg.training.micro_batch_size,
-                dp=self.dp,
-                dp_rank=self.dp_rank,
-                accumulation=self.accumulation,
+            batches = self._local(
+                micro_batches(
+                    self.valid_ds,
+                    k * g,
+                    micro=cfg.training.micro_batch_size,
+                    dp=self.dp,
+                    dp_rank=self.dp_rank,
+                    accumulation=self.accumulation,
+                )
             )
             if self.pipe is not None:  # megatron's forward-only schedule
                 total += self.pipe.forward_sums(b.to(self.device) for b in batches)
@@ -366,7 +385,7 @@ class Trainer:
         if self.pipe is not None:
             total = sum_from_last_stage(total)
         else:
-            dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+            dist.all_reduce(total, group=self.dp_cp_group)
         loss = (total[0] / total[1]).item()
         ppl = math.exp(min(loss, 50))
         self.metrics.print(
