@@ -11,8 +11,9 @@ from pretrain.train_config import TrainConfig, load_config
 _ready = False
 
 
-def init_once(tensor_parallel: int = 1) -> None:
-    """torch.distributed + megatron parallel state for this process (1 rank unless launched)."""
+def init_once(tensor_parallel: int = 1, parallel=None) -> None:
+    """torch.distributed + megatron parallel state for this process (1 rank unless launched);
+    ``parallel`` (a ``ParallelConfig``) overrides the TP-only layout."""
     global _ready
     if _ready:
         return
@@ -30,7 +31,7 @@ def init_once(tensor_parallel: int = 1) -> None:
     from pretrain.parallel.launch_env import launch_env
     from pretrain.train_config import ParallelConfig
 
-    init(launch_env(), ParallelConfig(tensor=tensor_parallel), 10)
+    init(launch_env(), parallel or ParallelConfig(tensor=tensor_parallel), 10)
     _ready = True
 
 

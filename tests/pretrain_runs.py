@@ -101,3 +101,29 @@ def metrics(run_dir: Path) -> list[dict]:
 def losses(run_dir: Path) -> dict[int, float]:
     """Training loss per step (the last record of a step wins: a killed run may repeat steps)."""
     return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
+
+
+def key_bias_slices(name: str, heads: int, groups: int, hidden: int) -> list[slice]:
+    """The key part of a fused QKV bias. Its exact gradient is 0 (softmax ignores a shift of
+    all logits), so AdamW turns float noise into ±lr steps there at ANY change of reduction
+    order: not comparable between layouts."""
+    if not name.endswith("linear_qkv.bias"):
+        return []
+    d = hidden // heads
+    per = (heads // groups + 2) * d
+    q = heads // groups * d
+    return [slice(g * per + q, g * per + q + d) for g in range(groups)]
+
+
+def weights_differ(ours: dict, theirs: dict, heads: int, groups: int, hidden: int) -> dict:
+    """{name: relative difference} of every weight above 1e-5 (key biases masked)."""
+    assert ours.keys() == theirs.keys()
+    out = {}
+    for name, w in theirs.items():
+        a, b = ours[name].clone(), w.clone()
+        for s in key_bias_slices(name, heads, groups, hidden):
+            a[s] = b[s] = 0
+        err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+        if err > 1e-5:
+            out[name] = err
+    return out

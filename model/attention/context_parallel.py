@@ -12,8 +12,9 @@ positions the same way). Gathered along the sequence in rank order, the chunks a
 runs its own full-sequence math unchanged on its ``heads/C`` heads (twicing's two passes never
 send O1 anywhere; Neural Attention scores with its weights of those heads), and an all-to-all
 brings ``[s/C, heads]`` back. Communication per layer as softmax's: forward and backward each
-move q, k, v and the output once, ``(H + 2G + H)·s·d·(C−1)/C`` elements per rank for ``H`` query
-heads and ``G`` key/value groups. Needs this rank's heads and groups divisible by ``C``.
+move q, k, v and the output once; a rank sends the ``(C−1)/C`` of its ``s/C`` rows that other
+ranks' heads need, ``(2H + 2G)·(s/C)·d·(C−1)/C`` elements each way for ``H`` query heads and
+``G`` key/value groups (plus ``G`` for V¹). Needs this rank's heads and groups divisible by ``C``.
 
 **All-gather** (``cp_comm_type="all_gather"``; any head count): keys and values (``G`` groups)
 are all-gathered; each local chunk's queries attend over the keys up to the end of that chunk

@@ -187,6 +187,26 @@ def test_two_nodes_pipeline_parallel_one_stage_per_node(cluster, wikitext_manife
     print(f"2 nodes x 1 task, PP 2, {STEPS} steps: {seconds:.0f}s")
 
 
+def test_two_nodes_context_parallel_one_cp_rank_per_node(cluster, wikitext_manifest, base):
+    """CP=2 with one context-parallel rank per node (the all-gathers of K, V and twicing's O1
+    cross the nodes over gloo) trains exactly the curve the same layout trains on one host."""
+    from launch import run as run_here
+
+    extra = ("parallel.tensor=1", "parallel.context=2")
+    run = Run(base, wikitext_manifest, "cp2", 1, *extra)
+    jid, info, seconds = _run_to_completion(run)
+    assert info["JobState"] == "COMPLETED" and info["NumNodes"] == "2", info
+    for rank in range(2):
+        assert f"{rank}: [rank {rank}/2 node sbx-node{rank + 1} local 0]" in run.rank_log(jid, rank)
+    assert "TP 1 × CP 2 (allgather) × DP 1" in run.rank_log(jid, 0)
+    here = base / "cp2-one-host"
+    args = ["--config", run.args[0], f"run_dir={here}", *run.args[2:]]
+    run_here(["-m", "pretrain.train", *args], 2, timeout=600)
+    curve = losses(run.run_dir)
+    assert sorted(curve) == list(range(1, STEPS + 1)) and curve == losses(here)  # bit for bit
+    print(f"2 nodes x 1 task, CP 2, {STEPS} steps: {seconds:.0f}s")
+
+
 @pytest.mark.parametrize("saves", ["sync", "async"])
 def test_preemption_signal_checkpoint_requeue_resumes_the_same_curve(
     cluster, wikitext_manifest, base, tp_and_dp, saves

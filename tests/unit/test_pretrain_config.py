@@ -22,7 +22,7 @@ PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
 def test_presets_validate(preset):
     """Every preset loads, every value it sets survives validation unchanged (none dropped,
-    defaulted or coerced to something else), and its parallel layout fits a world of TP × PP
+    defaulted or coerced to something else), and its parallel layout fits a world of TP × CP × PP
     ranks (DP 1)."""
     import yaml
 
@@ -45,7 +45,7 @@ def test_presets_validate(preset):
         if isinstance(value, str) and isinstance(got, float):
             value = float(value)  # PyYAML reads 3e-4 as a string; the config takes it as a float
         assert got == value, f"{preset.name}: {key} = {value!r} resolved to {got!r}"
-    world = cfg.parallel.tensor * cfg.parallel.pipeline
+    world = cfg.parallel.tensor * cfg.parallel.context * cfg.parallel.pipeline
     assert cfg.data_parallel_size(world) == 1
 
 
@@ -143,15 +143,44 @@ def test_lr_schedule_warmup_then_cosine_to_min():
             r"ZeRO-2 with tied embeddings needs pipeline size <= 2, got 4",
         ),
         (
-            ["parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true"],
-            r"'parallel\.sequence_parallel': sequence parallelism with pipeline",
+            ["parallel.context=3"],
+            r"'model\.seq_length': 128 is not divisible by 2 × parallel\.context = 6",
         ),
+        (
+            ["parallel.tensor=1", "parallel.context=8", "parallel.context_mode=ulysses"],
+            r"'parallel\.context_mode': ulysses splits each TP rank's 4 query heads and 4",
+        ),
+        (
+            ["parallel.context=2", "parallel.context_mode=ulysses"],  # TP 2: 2 heads per rank
+            None,
+        ),
+        (
+            ["parallel.context=2", "parallel.zero_stage=3"],
+            r"'parallel\.zero_stage': ZeRO-3 with context parallelism is not supported",
+        ),
+        (
+            ["parallel.context=2", "parallel.offload_optimizer=true"],
+            r"'parallel\.offload_optimizer': optimizer offload with context parallelism",
+        ),
+        (["parallel.context=0"], r"'parallel\.context': must be >= 1, got 0"),
+        (["parallel.context_mode=ring"], r"parallel\.context_mode.*ring"),
         (["parallel.pipeline=0"], r"'parallel\.pipeline': must be >= 1, got 0"),
     ],
 )
 def test_bad_values_name_the_key(overrides, match):
+    if match is None:  # the valid neighbour of a refused value
+        load_config(ROOT / "configs/demo.yaml", overrides)
+        return
     with pytest.raises(ConfigError, match=match):
         load_config(ROOT / "configs/demo.yaml", overrides)
+
+
+def test_sequence_parallel_with_pipeline_is_accepted():
+    cfg = load_config(
+        ROOT / "configs/demo.yaml",
+        ["parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true"],
+    )
+    assert cfg.parallel.sequence_parallel and cfg.parallel.pipeline == 2
 
 
 def _run_rank0_of_two(args: list[str], tmp_path) -> subprocess.CompletedProcess:
@@ -200,6 +229,11 @@ def _run_rank0_of_two(args: list[str], tmp_path) -> subprocess.CompletedProcess:
         (
             ["parallel.pipeline=4", "parallel.tensor=1", "model.num_layers=4"],
             r"world size 2 is not divisible by tensor-parallel size 1 × pipeline-parallel size 4",
+        ),
+        (
+            ["parallel.context=2", "parallel.tensor=2"],
+            r"'parallel\.context': world size 2 is not divisible by tensor-parallel size 2 × "
+            r"context-parallel size 2 = 4",
         ),
     ],
 )
