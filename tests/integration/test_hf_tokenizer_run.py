@@ -131,3 +131,18 @@ def test_export_autotokenizer_and_lm_eval_peer_check(hf_run, tmp_path, one_rank)
         [float(x[0]) for s in r["samples"][task] for x in s["filtered_resps"]] for r in results
     )
     assert len(la) == len(lb) == 32 and max(abs(a - b) for a, b in zip(la, lb, strict=True)) < 1e-4
+
+
+def test_a_vocabulary_larger_than_the_model_is_refused(hf_manifest, tmp_path):
+    """The manifest's 1024-token tokenizer against model.vocab_size=512: exit 2 naming the key,
+    the value and the tokenizer, before anything is written into the run directory."""
+    from pretrain_runs import argv
+
+    run_dir = tmp_path / "run"
+    [(code, out)] = run(argv(run_dir, hf_manifest, ["model.vocab_size=512"]), 1, check=False)
+    assert code == 2, out[-2000:]
+    assert (
+        "config key 'model.vocab_size': 512 is smaller than the tokenizer's vocabulary (1024" in out
+    )
+    assert str(hf_manifest.parent / "tokenizer") in out and "Traceback" not in out
+    assert not (run_dir / "checkpoints").exists()
