@@ -240,6 +240,36 @@ def cpu_backward(dout, q, k, v, out, lse, causal: bool, scale: float | None):
     return _CPU_BWD(dout, q, k, v, out, lse, 0.0, causal, scale=scale)
 
 
+class _BottomRightCPU(torch.autograd.Function):
+    """Causal attention of the last ``s_q`` of ``s_k`` positions on torch's CPU flash primitives
+    (``[b, h, s, d]``), without an ``s_q × s_k`` mask: the keys before the queries (all visible)
+    and the square block that ends with them (causal) are two kernel calls whose outputs merge by
+    their log-sum-exps. Backward runs each block's kernel backward against the merged output and
+    log-sum-exp, which is the merged softmax's exact gradient (the flash-attention identity), so
+    memory stays O(s) as at ``s_q = s_k`` (context parallelism's chunks, chunked prefill)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float | None):
+        p = k.size(2) - q.size(2)
+        o_a, lse_a = cpu_forward(q, k[:, :, :p], v[:, :, :p], False, scale)
+        o_b, lse_b = cpu_forward(q, k[:, :, p:], v[:, :, p:], True, scale)
+        lse = torch.logaddexp(lse_a, lse_b)
+        w_a, w_b = ((x - lse).exp().unsqueeze(-1) for x in (lse_a, lse_b))
+        out = (o_a.float() * w_a + o_b.float() * w_b).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        p, scale = k.size(2) - q.size(2), ctx.scale
+        dout = dout.contiguous()
+        dq, dk_a, dv_a = cpu_backward(dout, q, k[:, :, :p], v[:, :, :p], out, lse, False, scale)
+        dq_b, dk_b, dv_b = cpu_backward(dout, q, k[:, :, p:], v[:, :, p:], out, lse, True, scale)
+        return dq.add_(dq_b), torch.cat([dk_a, dk_b], 2), torch.cat([dv_a, dv_b], 2), None
+
+
 def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     """Expand ``[b, s, groups, d]`` to ``[b, s, heads, d]`` (one group per heads/groups queries)."""
     groups = x.size(2)
@@ -345,6 +375,9 @@ def attend(
     s_q, s_k = q.size(1), k.size(1)
     if mask is None and (s_q == s_k or not causal or name in ("flash", "flash4")):
         return KERNELS[name](q, k, v, causal, scale, dropout_p)
+    if mask is None and 1 < s_q < s_k and dropout_p == 0 and cpu_kernel_applies(name, q):
+        t = (x.transpose(1, 2) for x in (q, k, v))
+        return _BottomRightCPU.apply(*t, scale).transpose(1, 2)
     if causal and s_q > 1:
         tril = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(s_k - s_q)
         mask = tril if mask is None else mask & tril
