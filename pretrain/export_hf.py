@@ -1,17 +1,21 @@
 """Export a checkpoint as a Hugging Face ``transformers`` model.
 
 ``python -m pretrain.export_hf --checkpoint RUN_DIR|step_dir|model.pt --out DIR [--dtype bf16]
-[--arch auto|llama|gpt2|twicing]``
+[--arch auto|llama|qwen2|gpt2|twicing]``
 
 The architecture follows the model config (``--arch auto``, the default). A model whose every
 layer is softmax attention exports to stock code:
 
 * **Llama** (``LlamaForCausalLM``): RoPE (non-interleaved, rotate-half — megatron-core's default
   and HF's), RMSNorm, SwiGLU, with or without linear biases (``attention_bias``/``mlp_bias``),
-  GQA as ``num_key_value_heads``;
+  GQA as ``num_key_value_heads``, RoPE scaling (``linear``, ``llama3``) as ``rope_parameters``;
+* **Qwen2** (``Qwen2ForCausalLM``): the same with biases on Q, K, V only (``model.qkv_bias``);
 * **GPT-2** (``GPT2LMHeadModel``): learned absolute positions, LayerNorm, GELU (exact erf,
-  ``activation_function="gelu"``) or ReLU; a model without linear biases gets zero biases and a
-  GQA model has its key/value heads repeated (both exact).
+  ``activation_function="gelu"``; ``gelu_tanh`` as ``gelu_new``) or ReLU; a model without linear
+  biases gets zero biases and a GQA model has its key/value heads repeated (both exact).
+
+The adapters (``pretrain/export/{llama,qwen2,gpt2,remote}.py``) hold both directions:
+``pretrain.import_hf`` reads the same name mapping back.
 
 Any other model — twicing (all or some layers), NeuTRENO, ResFormer, SVFormer, Neural Attention,
 GQA included, or a softmax model no stock architecture matches — exports as **custom modeling
@@ -22,7 +26,7 @@ twicing-lm installed. The per-layer variants (``layer_variants``) and their opti
 (``attention_options``: λ, d′) are in the config; ``generate()`` decodes with transformers' cache
 (twicing layers also cache their first-pass output O1, first-value variants read layer 0's V
 cache); the padded vocabulary rows are ``suppress_tokens`` in ``generation_config.json``.
-``--arch llama|gpt2`` refuses a model that stock architecture cannot compute.
+``--arch llama|qwen2|gpt2`` refuses a model that stock architecture cannot compute.
 
 Weights are the TP=1 merge of the checkpoint; the vocabulary keeps megatron's padded size
 (``model.padded_vocab_size``) so logits and the softmax normaliser are those of the trained
@@ -67,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--arch",
         default="auto",
-        help="auto (stock Llama/GPT-2 when it fits, else custom code), llama, gpt2 or twicing",
+        help="auto (stock Llama/Qwen2/GPT-2 when it fits, else custom code), llama, qwen2, gpt2 "
+        "or twicing",
     )
     return p
 

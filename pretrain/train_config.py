@@ -186,6 +186,11 @@ class CheckpointConfig:
     #: only while DeepSpeed's save collects the state and, before the next optimizer update,
     #: until the tensors are copied to host memory
     async_save: bool = False
+    #: a fresh run starts from this checkpoint's weights (a run dir, step dir or consolidated
+    #: file: an import from ``pretrain.import_hf`` or any trained run) with its own optimizer,
+    #: schedule and data order (``pretrain.checkpoint.init_from``); ignored once the run has
+    #: checkpoints of its own (it resumes them)
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         check(self.interval >= 0, "checkpoint.interval", "must be >= 0 (0: only on signal/exit)")
@@ -235,6 +240,22 @@ class TrainConfig:
             "training.global_batch_size",
             f"{self.training.global_batch_size} is not a multiple of micro_batch_size "
             f"{self.training.micro_batch_size}",
+        )
+        self._check_init_from()
+
+    def _check_init_from(self) -> None:
+        """``checkpoint.init_from`` must lie outside this run's directory (its own checkpoints
+        resume; they are no starting point)."""
+        source = self.checkpoint.init_from
+        if source is None:
+            return
+        check(bool(source), "checkpoint.init_from", "must name a checkpoint (or be null)")
+        run, start = Path(self.run_dir).resolve(), Path(source).resolve()
+        check(
+            start != run and run not in start.parents,
+            "checkpoint.init_from",
+            f"{source} is this run's own directory (run_dir={self.run_dir}): a run resumes its "
+            "own checkpoints by itself; init_from starts a new run_dir from another one",
         )
 
     @property

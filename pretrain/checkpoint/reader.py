@@ -232,14 +232,20 @@ def full_state_dict(ck: Checkpoint) -> dict[str, torch.Tensor]:
     return {name: merge([s[name] for s in shards], layout[name]) for name in shards[0]}
 
 
+def saved_shard(ck: Checkpoint, mp_rank: int) -> dict[str, torch.Tensor]:
+    """The module weights of saved model-parallel rank ``mp_rank`` (``stage·TP + tp``) of a
+    ZeRO 0–2 checkpoint, verified against the checksums first."""
+    path = _module_file(ck, mp_rank)
+    problems = verify_files(ck.tag_dir, [path.name])
+    if problems:
+        raise CheckpointError("; ".join(problems))
+    return _clean(_module(path))
+
+
 def state_dict_for_rank(ck: Checkpoint, rank: int, tp: int) -> dict[str, torch.Tensor]:
     """Weights for TP rank ``rank`` of ``tp`` (direct when ``tp`` is the saved TP size)."""
     direct = ck.weights is None and ck.zero_stage < 3 and ck.pipeline_parallel == 1
     if direct and tp == ck.tensor_parallel:
-        path = _module_file(ck, rank)
-        problems = verify_files(ck.tag_dir, [path.name])
-        if problems:
-            raise CheckpointError("; ".join(problems))
-        return _clean(_module(path))
+        return saved_shard(ck, rank)
     layout = ck.layout
     return {k: shard(v, layout[k], rank, tp).clone() for k, v in full_state_dict(ck).items()}

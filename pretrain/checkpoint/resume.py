@@ -18,9 +18,15 @@ def plan_resume(
     """Raise unless ``state`` can resume a run with ``model_config`` at ``here`` (and, when
     given, ``tokenizer``: this run's tokenizer and where it comes from); True when its shards
     must be converted (``checkpoint.reshard=true``) first."""
+    if state.origin == "import":
+        raise CheckpointError(
+            "this run directory holds an import (pretrain.import_hf: weights only, no optimizer "
+            "state, schedule or data position), not a run to resume: start a new run from it "
+            "with run_dir=<a new directory> checkpoint.init_from=<this run directory>"
+        )
     if tokenizer is not None:
         check_same_tokenizer(state, *tokenizer)
-    saved_model = state.model_config
+    saved_model = with_model_defaults(state.model_config)
     diff = sorted(
         k for k in set(saved_model) | set(model_config) if saved_model.get(k) != model_config.get(k)
     )
@@ -37,6 +43,18 @@ def plan_resume(
             "through a DeepSpeed universal checkpoint)"
         )
     return check_supported(saved, here)
+
+
+def with_model_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` (a checkpoint's model config) plus the defaults of ``ModelConfig`` keys added
+    after it was written (``qkv_bias``, ``rope_scaling``, …: their defaults are what older code
+    computed)."""
+    from dataclasses import MISSING, fields
+
+    from model import ModelConfig
+
+    defaults = {f.name: f.default for f in fields(ModelConfig) if f.default is not MISSING}
+    return {**defaults, **saved}
 
 
 def check_supported(saved: Topology, here: Topology) -> bool:

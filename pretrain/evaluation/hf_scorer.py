@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from data_prep.base.errors import CheckpointError, ConfigError
+from pretrain.checkpoint.unsafe_pickle import refused_global, unsafe_pickle_error
 from pretrain.evaluation.scorer import TokenNLL
 
 
@@ -82,29 +82,12 @@ class HFExport:
                 trust_remote_code=self.remote_code,
             )
         except Exception as e:
-            called = _unsafe_pickle(e)
+            called = refused_global(e)
             if called is None:
                 raise
             weights = sorted(p.name for p in self.tag_dir.glob("*.bin")) or ["its weights"]
-            raise CheckpointError(
-                f"{self.tag_dir}/{weights[0]}: refused as unsafe to unpickle ({called}): it holds "
-                "more than tensors, so loading it could run code; nothing in it was run. If you "
-                "trust it, convert it once to safetensors and load that instead: python -c "
-                f'"import torch; from safetensors.torch import save_file; save_file(torch.load('
-                f"'{self.tag_dir}/{weights[0]}', weights_only=False), "
-                f"'{self.tag_dir}/model.safetensors')\" and remove the .bin file"
-            ) from None
+            raise unsafe_pickle_error(self.tag_dir / weights[0], called) from None
         return model.eval()
-
-
-def _unsafe_pickle(error: BaseException | None) -> str | None:
-    """The refused global when ``error`` (or what caused it) is torch's weights-only refusal."""
-    while error is not None:
-        if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in str(error):
-            called = [ln.strip() for ln in str(error).splitlines() if "GLOBAL" in ln]
-            return called[0].split(" was not")[0] if called else "not a weights-only file"
-        error = error.__cause__ or error.__context__
-    return None
 
 
 class HFScorer:

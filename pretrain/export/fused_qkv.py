@@ -1,4 +1,5 @@
-"""megatron-core's fused QKV projection, unfused for architectures with separate Q, K, V."""
+"""megatron-core's fused QKV projection: split for architectures with separate Q, K, V, fused
+back on import."""
 
 from __future__ import annotations
 
@@ -26,3 +27,13 @@ def repeat_kv_rows(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
         .expand(-1, r, -1, *x.shape[1:])
         .reshape(-1, *x.shape[1:])
     )
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """The inverse of :func:`split_qkv`: Q ``[heads·d, …]``, K and V ``[groups·d, …]`` into
+    megatron-core's fused rows ``[q_g (r heads), k_g, v_g]`` per query group."""
+    g, d = cfg.query_groups, cfg.head_dim
+    r = cfg.num_attention_heads // g
+    rest = q.shape[1:]
+    grouped = (q.reshape(g, r * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest))
+    return torch.cat(grouped, dim=1).reshape(-1, *rest)

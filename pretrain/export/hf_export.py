@@ -13,14 +13,15 @@ import torch
 
 from data_prep.base.errors import ConfigError
 from model import ModelConfig
-from pretrain.export import gpt2, llama, remote
+from pretrain.export import gpt2, llama, qwen2, remote
 from pretrain.export.output import METADATA, check_export_dir
 from pretrain.export.tokenizer_files import PROBES, write_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-#: architecture name -> its weight adapter (``hf_config``, ``model_class``, ``convert``);
-#: ``twicing`` is custom modeling code written into the export (``trust_remote_code=True``)
-ADAPTERS = {"llama": llama, "gpt2": gpt2, "twicing": remote}
+#: architecture name -> its adapter (both directions: ``config_to_hf``/``config_from_hf``,
+#: ``to_hf_weights``/``from_hf_weights``, ``model_class``); ``twicing`` is custom modeling code
+#: written into the export (``trust_remote_code=True``)
+ADAPTERS = {"llama": llama, "qwen2": qwen2, "gpt2": gpt2, "twicing": remote}
 #: what ``export(arch=...)`` / ``--arch`` takes: ``auto`` picks a stock architecture when one fits
 ARCHS = ("auto", *ADAPTERS)
 
@@ -31,9 +32,9 @@ class ExportError(ConfigError):
 
 # ---------------------------------------------------------------------------- architecture
 def architecture(cfg: ModelConfig, arch: str = "auto") -> str:
-    """The adapter for ``cfg``: ``"llama"`` or ``"gpt2"`` (stock ``transformers``) when every
-    layer is softmax and the rest fits, else ``"twicing"`` (custom code). ``arch`` forces one;
-    ``ExportError`` names what does not fit."""
+    """The adapter for ``cfg``: ``"llama"``, ``"qwen2"`` or ``"gpt2"`` (stock ``transformers``)
+    when every layer is softmax and the rest fits, else ``"twicing"`` (custom code). ``arch``
+    forces one; ``ExportError`` names what does not fit."""
     if arch not in ARCHS:
         raise ExportError(f"unknown export architecture {arch!r}; known: {', '.join(ARCHS)}")
     if arch in ("auto", "twicing"):
@@ -67,18 +68,17 @@ def _stock_architecture(cfg: ModelConfig) -> str:
         )
     key = (cfg.position_embedding, cfg.normalization, cfg.activation)
     if key == ("rope", "RMSNorm", "swiglu"):
-        return "llama"
-    if key in (
-        ("learned_absolute", "LayerNorm", "gelu"),
-        ("learned_absolute", "LayerNorm", "relu"),
-    ):
+        return "qwen2" if cfg.qkv_bias and not cfg.add_bias_linear else "llama"
+    gpt2_like = key[:2] == ("learned_absolute", "LayerNorm") and key[2] in gpt2.ACTIVATIONS.values()
+    if gpt2_like and not cfg.qkv_bias:
         return "gpt2"
     raise ExportError(
         f"no standard transformers architecture matches position_embedding="
         f"{cfg.position_embedding}, normalization={cfg.normalization}, activation="
-        f"{cfg.activation}; exportable to stock code: rope + RMSNorm + swiglu (Llama) or "
-        "learned_absolute + LayerNorm + gelu|relu (GPT-2); any model exports with --arch auto "
-        "or twicing (custom modeling code)"
+        f"{cfg.activation}{', qkv_bias' * cfg.qkv_bias}; exportable to stock code: rope + "
+        "RMSNorm + swiglu (Llama; Qwen2 with qkv_bias) or learned_absolute + LayerNorm + "
+        "gelu|gelu_tanh|relu (GPT-2); any model exports with --arch auto or twicing (custom "
+        "modeling code)"
     )
 
 
@@ -89,7 +89,7 @@ def hf_config(cfg: ModelConfig, tokenizer, dtype: torch.dtype, arch: str = "auto
         "eos_token_id": tokenizer.eod,
         "pad_token_id": tokenizer.pad if tokenizer.pad >= 0 else None,
     }
-    return ADAPTERS[architecture(cfg, arch)].hf_config(cfg, special, dtype)
+    return ADAPTERS[architecture(cfg, arch)].config_to_hf(cfg, special, dtype)
 
 
 def convert_state_dict(
@@ -98,9 +98,7 @@ def convert_state_dict(
     """Our TP=1 megatron-core weights → the HF architecture's parameter names and layouts."""
     arch = architecture(cfg, arch)
     sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
-    out = ADAPTERS[arch].convert(cfg, sd.pop)
-    if not cfg.tied_embeddings:
-        out["lm_head.weight"] = sd.pop("output_layer.weight")
+    out = ADAPTERS[arch].to_hf_weights(cfg, sd.pop)
     if sd:
         raise ExportError(f"weights with no place in the {arch} model: {sorted(sd)[:5]}")
     return {k: v.contiguous() for k, v in out.items()}

@@ -3,6 +3,7 @@ engine (TP/PP-aware through the mpu adapter)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,8 +71,13 @@ def stage_layout(model: torch.nn.Module) -> dict[str, dict]:
     return {k: v for stage in stages for k, v in stage.items()}
 
 
-def build_engine(cfg: TrainConfig, world_size: int) -> Built:
-    """megatron-core GPT (this rank's TP shard) inside a DeepSpeed engine."""
+def build_engine(
+    cfg: TrainConfig,
+    world_size: int,
+    load_weights: Callable[[torch.nn.Module], None] | None = None,
+) -> Built:
+    """megatron-core GPT (this rank's TP shard) inside a DeepSpeed engine; ``load_weights``
+    (``checkpoint.init_from``) fills the fresh model before DeepSpeed copies its weights."""
     import deepspeed
 
     model = build_gpt(
@@ -79,6 +85,8 @@ def build_engine(cfg: TrainConfig, world_size: int) -> Built:
         sequence_parallel=cfg.parallel.sequence_parallel,
         context_mode=cfg.parallel.context_mode,
     )
+    if load_weights is not None:
+        load_weights(model)
     tp, pp, zero = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.zero_stage
     num_params = count_parameters(model, tp)
     layout = stage_layout(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from megatron.core import parallel_state
 
 from data_prep.base.errors import ExitCode, NonFiniteError
 from pretrain import faults
+from pretrain.checkpoint.init_from import weights_loader
 from pretrain.checkpoint.layout import tokenizer_files
 from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.checkpoint.state import TokenizerInfo, Topology, TrainerState
@@ -72,10 +74,10 @@ class Trainer:
         rng.seed_everything(cfg.training.seed)
         self.metrics = Metrics(cfg.logging, Path(cfg.run_dir), self.rank)
         self.train_ds, self.valid_ds = build_datasets(tokenizer, blend_kwargs, cfg)
-        built = build_engine(cfg, self.world)
+        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint)
+        built = build_engine(cfg, self.world, load_weights=self._init_from())
         self.engine, self.num_params, self.layout = built.engine, built.num_params, built.layout
         self.pipe = PipelineStep.for_run(self.engine, cfg) if cfg.parallel.pipeline > 1 else None
-        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint)
         self.flops_per_token = flops_per_token(cfg.model)
         self.peak = peak_tflops(cfg.logging.peak_tflops)
         self.step = 0
@@ -108,6 +110,17 @@ class Trainer:
             )
         return lock
 
+    def _init_from(self) -> Callable[[torch.nn.Module], None] | None:
+        """``checkpoint.init_from``'s weight loader for a run without checkpoints of its own."""
+        source = self.cfg.checkpoint.init_from
+        if source is None:
+            return None
+        if self.checkpoints.latest() is not None:
+            self.metrics.print(f"[train] {self.cfg.checkpoint_dir} has checkpoints: resuming "
+                               f"them (checkpoint.init_from={source} is ignored)")  # fmt: skip
+            return None
+        return weights_loader(source, self.cfg.model, self._tokenizer_info(), self.metrics.print)
+
     def _resume(self) -> None:
         """Take over the latest complete checkpoint's state, as the checkpoint package decides
         (as it is, resharded, or refused)."""
@@ -115,9 +128,9 @@ class Trainer:
         mine = (self._tokenizer_info(), f"{self.tokenizer.model_path} (data.manifest)")
         loaded = self.checkpoints.resume(self.engine, self.cfg.to_dict()["model"], here, mine)
         if loaded is None:
-            self.metrics.print(
-                f"[train] no checkpoint in {self.cfg.checkpoint_dir}; starting fresh"
-            )
+            source = self.cfg.checkpoint.init_from
+            start = f"starting from {source}'s weights" if source else "starting fresh"
+            self.metrics.print(f"[train] no checkpoint in {self.cfg.checkpoint_dir}; {start}")
             return
         state = loaded.state
         self.step = state.step

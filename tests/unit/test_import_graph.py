@@ -164,6 +164,7 @@ def test_a_planted_upward_import_is_found():
         ["-m", "pretrain.train", "--help"],
         ["-m", "pretrain.evaluate", "--help"],
         ["-m", "pretrain.export_hf", "--help"],
+        ["-m", "pretrain.import_hf", "--help"],
         ["-m", "pretrain.lm_eval", "--help"],
         ["-m", "pretrain.consolidate", "--help"],
         ["-m", "pretrain.universal", "--help"],

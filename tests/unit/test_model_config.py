@@ -36,6 +36,16 @@ def test_select_layers(selection, expected):
         ({"attention": "twicing", "attention_dropout": 0.1}, r"attention_dropout.*0\.1"),
         ({"num_attention_heads": 5, "hidden_size": 64}, r"not divisible by 5 heads"),
         ({"num_query_groups": 3}, r"num_query_groups.*3 does not divide"),
+        ({"rope_scaling_factor": 8.0}, r"rope_scaling_factor.*8.0, but model.rope_scaling is"),
+        ({"rope_scaling": "linear", "rope_scaling_factor": 0.0}, r"rope_scaling_factor.*> 0"),
+        (
+            {
+                "rope_scaling": "llama3",
+                "rope_scaling_factor": 8.0,
+                "position_embedding": "learned_absolute",
+            },
+            r"'model.rope_scaling': 'llama3' scales RoPE",
+        ),  # fmt: skip
     ],
 )
 def test_bad_model_configs_name_the_value(kwargs, match):
@@ -89,3 +99,27 @@ def test_built_model_twices_exactly_the_configured_layers(one_rank, layers, twic
     kinds = [type(layer.self_attention.core_attention) for layer in model.decoder.layers]
     assert {i for i, k in enumerate(kinds) if k is TwicingCoreAttention} == twiced
     assert all(k is SoftmaxCoreAttention for i, k in enumerate(kinds) if i not in twiced)
+
+
+def test_rope_scaling_and_qkv_bias_reach_megatron(one_rank):
+    """``rope_scaling`` sets megatron-core's RoPE (llama3: scaled frequencies; linear: position
+    interpolation), ``qkv_bias`` a bias on the QKV projection only, ``gelu_tanh`` the tanh GELU."""
+    import torch
+
+    base = dict(num_layers=1, attention="softmax", add_bias_linear=False)
+    plain = build_gpt(ModelConfig(**base)).rotary_pos_emb
+    llama3 = build_gpt(
+        ModelConfig(**base, rotary_base=500000, rope_scaling="llama3", rope_scaling_factor=8.0)
+    ).rotary_pos_emb
+    linear = build_gpt(ModelConfig(**base, rope_scaling="linear", rope_scaling_factor=4.0))
+    assert plain.seq_len_interpolation_factor is None
+    assert linear.rotary_pos_emb.seq_len_interpolation_factor == 4.0
+    assert not torch.equal(llama3.inv_freq, 1.0 / (500000 ** (torch.arange(0, 16, 2) / 16)))
+    model = build_gpt(ModelConfig(**base, qkv_bias=True, activation="gelu_tanh"))
+    names = {n for n, _ in model.named_parameters()}
+    assert "decoder.layers.0.self_attention.linear_qkv.bias" in names
+    assert not any(n.endswith("linear_proj.bias") or n.endswith("fc1.bias") for n in names)
+    x = torch.linspace(-3, 3, 7)
+    assert torch.equal(
+        model.config.activation_func(x), torch.nn.functional.gelu(x, approximate="tanh")
+    )

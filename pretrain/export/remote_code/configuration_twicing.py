@@ -22,8 +22,12 @@ class TwicingLMConfig(PretrainedConfig):
     ``layer_variants[i]`` names layer ``i``'s attention (see ``VARIANTS``); ``attention_options``
     are the numeric options of the non-softmax variant (NeuTRENO ``lambda``, ResFormer
     ``lambda_first``/``lambda_own``, Neural Attention ``dim``). ``position_embedding`` is
-    ``"rope"`` (rotate-half, ``rope_theta``) or ``"learned_absolute"``; ``normalization``
-    ``"LayerNorm"`` or ``"RMSNorm"``; ``activation`` ``"gelu"`` (exact), ``"relu"`` or ``"swiglu"``.
+    ``"rope"`` (rotate-half, ``rope_theta``; ``rope_scaling_type`` ``"linear"`` divides positions
+    by ``rope_scaling_factor``, ``"llama3"`` is Llama 3.1's frequency scaling with low/high
+    frequency factors 1 and 4 and an original context of 8192) or ``"learned_absolute"``;
+    ``normalization`` ``"LayerNorm"`` or ``"RMSNorm"``; ``activation`` ``"gelu"`` (exact),
+    ``"gelu_tanh"``, ``"relu"`` or ``"swiglu"``; ``linear_bias`` puts a bias on every linear layer,
+    ``qkv_bias`` on the QKV projection only.
     """
 
     model_type = "twicing_lm"
@@ -39,10 +43,13 @@ class TwicingLMConfig(PretrainedConfig):
         max_position_embeddings: int = 64,
         position_embedding: str = "rope",
         rope_theta: float = 10000.0,
+        rope_scaling_type: str = "none",
+        rope_scaling_factor: float = 1.0,
         normalization: str = "LayerNorm",
         layer_norm_eps: float = 1e-5,
         activation: str = "gelu",
         linear_bias: bool = True,
+        qkv_bias: bool = False,
         layer_variants: list[str] | None = None,
         attention_options: dict[str, float] | None = None,
         initializer_range: float = 0.02,
@@ -60,10 +67,13 @@ class TwicingLMConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.position_embedding = position_embedding
         self.rope_theta = rope_theta
+        self.rope_scaling_type = rope_scaling_type
+        self.rope_scaling_factor = rope_scaling_factor
         self.normalization = normalization
         self.layer_norm_eps = layer_norm_eps
         self.activation = activation
         self.linear_bias = linear_bias
+        self.qkv_bias = qkv_bias
         self.layer_variants = list(layer_variants or ["softmax"] * num_hidden_layers)
         self.attention_options = dict(attention_options or {})
         self.initializer_range = initializer_range
@@ -71,7 +81,8 @@ class TwicingLMConfig(PretrainedConfig):
         checks = {
             "position_embedding": (position_embedding, ("rope", "learned_absolute")),
             "normalization": (normalization, ("LayerNorm", "RMSNorm")),
-            "activation": (activation, ("gelu", "relu", "swiglu")),
+            "activation": (activation, ("gelu", "gelu_tanh", "relu", "swiglu")),
+            "rope_scaling_type": (rope_scaling_type, ("none", "linear", "llama3")),
         }
         for key, (value, known) in checks.items():
             if value not in known:

@@ -9,8 +9,10 @@ transformers only). It computes what twicing-lm's megatron-core model computes, 
     logits = lm_head(final_norm(h))
 
 with megatron's fused QKV rows per query group ``[q (heads/groups heads), k, v]``, rotate-half
-RoPE on q and k, and per layer one attention variant on ``A = softmax(q·kᵀ/√d + causal mask)``
-(per head; keys and values are shared by a group of query heads under GQA):
+RoPE on q and k (scaled as megatron-core scales it: linear position interpolation, or Llama
+3.1's frequency scaling), and per layer one attention variant on
+``A = softmax(q·kᵀ/√d + causal mask)`` (per head; keys and values are shared by a group of query
+heads under GQA):
 
 - ``softmax``: ``A V``;
 - ``twicing``: ``(2A − A²) V = 2·o1 − A·o1`` with ``o1 = A V`` (the same A in both products);
@@ -73,11 +75,31 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate-half RoPE of ``x`` ``[b, s, heads, d]`` at ``positions`` ``[b, s]``."""
+def llama3_scaled(inv_freq: torch.Tensor, factor: float) -> torch.Tensor:
+    """Llama 3.1's RoPE frequency scaling, as megatron-core computes it (low/high frequency
+    factors 1 and 4, original context 8192)."""
+    low, high, context = 1.0, 4.0, 8192
+    wavelen = 2 * torch.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < context / high) * ~(wavelen > context / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope(
+    x: torch.Tensor, positions: torch.Tensor, theta: float, scaling: str = "none", factor=1.0
+) -> torch.Tensor:
+    """Rotate-half RoPE of ``x`` ``[b, s, heads, d]`` at ``positions`` ``[b, s]``; ``scaling``
+    ``"linear"`` divides positions by ``factor``, ``"llama3"`` scales the frequencies."""
     d = x.size(-1)
     inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d))
-    freqs = positions.to(torch.float32)[..., None] * inv_freq  # [b, s, d/2]
+    if scaling == "llama3":
+        inv_freq = llama3_scaled(inv_freq, factor)
+    positions = positions.to(torch.float32)
+    if scaling == "linear":
+        positions = positions * (1 / factor)
+    freqs = positions[..., None] * inv_freq  # [b, s, d/2]
     angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
     return x * angles.cos().to(x.dtype) + _rotate_half(x) * angles.sin().to(x.dtype)
 
@@ -129,9 +151,11 @@ class TwicingAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         self.rope_theta = config.rope_theta if config.position_embedding == "rope" else None
+        self.rope_scaling = (config.rope_scaling_type, config.rope_scaling_factor)
         self.options = config.attention_options
         width = (self.heads + 2 * self.groups) * self.head_dim
-        self.linear_qkv = nn.Linear(config.hidden_size, width, bias=config.linear_bias)
+        qkv_bias = config.linear_bias or config.qkv_bias
+        self.linear_qkv = nn.Linear(config.hidden_size, width, bias=qkv_bias)
         self.linear_proj = nn.Linear(
             self.heads * self.head_dim, config.hidden_size, bias=config.linear_bias
         )
@@ -167,7 +191,8 @@ class TwicingAttention(nn.Module):
         q, k, v = self.linear_qkv(x).view(b, s, g, -1).split([h // g * d, d, d], dim=-1)
         q = q.reshape(b, s, h, d)
         if self.rope_theta is not None:
-            q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+            q = rope(q, positions, self.rope_theta, *self.rope_scaling)
+            k = rope(k, positions, self.rope_theta, *self.rope_scaling)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads or groups, s, d]
         o1_past = None
         if self.variant == "twicing":  # the cache layer holds [V | O1] along the head axis
@@ -222,6 +247,8 @@ class TwicingMLP(nn.Module):
         if self.activation == "swiglu":
             gate, up = x.chunk(2, dim=-1)
             x = F.silu(gate) * up
+        elif self.activation == "gelu_tanh":
+            x = F.gelu(x, approximate="tanh")
         else:
             x = F.gelu(x) if self.activation == "gelu" else F.relu(x)
         return self.linear_fc2(x)
