@@ -227,6 +227,11 @@ def cpu_kernel_applies(backend: Backend, q: torch.Tensor) -> bool:
 
 
 _CPU_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+#: query × key positions from which a bottom-right causal call on CPU skips the explicit mask
+#: (:class:`_BottomRightCPU`; 1 Mi positions = a 1 MiB bool mask). Below it the mask costs
+#: nothing and the one masked kernel call accumulates each row in the same order as the
+#: full-sequence call, so context-parallel chunks round as the single-rank run does.
+MASK_FREE_FROM = 1 << 20
 _CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
@@ -366,7 +371,8 @@ def attend(
     :func:`resolve_backend` (on ``q`` alone, so every call with the same ``q`` uses one kernel),
     unless it is a :class:`ResolvedBackend` (already resolved for this kind of ``q``).
     A masked or ``seq_q != seq_k`` call runs on SDPA with an explicit mask, except on the
-    flash-attn kernels, which align ``seq_q < seq_k`` bottom-right themselves.
+    flash-attn kernels, which align ``seq_q < seq_k`` bottom-right themselves, and on CPU from
+    :data:`MASK_FREE_FROM` positions (two mask-free kernel calls merged by log-sum-exp).
     """
     check_qkv(q, k, v, causal)
     name = (
@@ -375,7 +381,13 @@ def attend(
     s_q, s_k = q.size(1), k.size(1)
     if mask is None and (s_q == s_k or not causal or name in ("flash", "flash4")):
         return KERNELS[name](q, k, v, causal, scale, dropout_p)
-    if mask is None and 1 < s_q < s_k and dropout_p == 0 and cpu_kernel_applies(name, q):
+    if (
+        mask is None
+        and 1 < s_q < s_k
+        and s_q * s_k >= MASK_FREE_FROM
+        and dropout_p == 0
+        and cpu_kernel_applies(name, q)
+    ):
         t = (x.transpose(1, 2) for x in (q, k, v))
         return _BottomRightCPU.apply(*t, scale).transpose(1, 2)
     if causal and s_q > 1:

@@ -111,7 +111,7 @@ def test_consolidated_file_is_self_contained(tp2_run, consolidated):
     payload = torch.load(consolidated, map_location="cpu", weights_only=True)
     tag_dir = tp2_run / "checkpoints/step_00000003"
     state = read_state(tag_dir).to_json()
-    assert payload["format"] == "twicing-lm/consolidated" and payload["format_version"] == 1
+    assert payload["format"] == "twicing-lm/consolidated" and payload["format_version"] == 2
     assert payload["step"] == 3 and payload["consumed_samples"] == 24
     assert payload["trainer_state"] == state and payload["dtype"] == "float32"
     sd = payload["state_dict"]
@@ -119,9 +119,12 @@ def test_consolidated_file_is_self_contained(tp2_run, consolidated):
     assert sd["embedding.word_embeddings.weight"].shape[0] == 1056  # padded: 1024 → 11 × 96
     assert sd["decoder.layers.0.mlp.linear_fc1.weight"].shape == (2 * 128, 64)  # full TP=1
     assert all(v.dtype == torch.float32 for v in sd.values())
-    assert (
-        payload["tokenizer_model"].numpy().tobytes() == (tag_dir / "tokenizer.model").read_bytes()
-    )
+    model_bytes = (tag_dir / "tokenizer.model").read_bytes()
+    # version 2 carries the tokenizer's files by name; version-1 readers still find the model
+    assert {k: v.numpy().tobytes() for k, v in payload["tokenizer_files"].items()} == {
+        "tokenizer.model": model_bytes
+    }
+    assert payload["tokenizer_model"].numpy().tobytes() == model_bytes
 
 
 def test_consolidated_weights_give_the_sharded_models_logits(

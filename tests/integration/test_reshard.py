@@ -116,7 +116,8 @@ def test_resume_tp2xdp2_at_another_layout(originals, wikitext_manifest, tmp_path
     diffs = assert_follows(original, run_dir)
     print(f"ZeRO-{stage} TP2xDP2 -> {target}: |Δloss| per step {diffs}")
     saved = json.loads((run_dir / "checkpoints/step_00000006/trainer_state.json").read_text())
-    assert saved["topology"] == {"tensor": tensor, "data": dp, "zero_stage": stage, "pipeline": 1}
+    assert saved["topology"] == {"tensor": tensor, "data": dp, "zero_stage": stage, "pipeline": 1,
+                                "context": 1}  # fmt: skip
     assert saved["consumed_samples"] == 48
     # the conversion is pruned once a checkpoint at the new layout exists
     assert not (run_dir / "checkpoints/universal/step_00000003").exists()

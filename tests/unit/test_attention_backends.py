@@ -154,13 +154,24 @@ def test_the_kernel_is_resolved_once_per_module(one_rank, monkeypatch):
     assert calls == ["auto", "auto"]
 
 
-@pytest.mark.parametrize(("s_q", "s_k"), [(4, 10), (7, 8), (32, 96)])
-def test_cpu_bottom_right_attention_without_a_mask_is_exact(s_q, s_k):
+@pytest.mark.parametrize(("s_q", "s_k", "mask_free_from"), [
+    (4, 10, 0), (7, 8, 0), (32, 96, 0), (32, 96, 32 * 96 + 1), (1024, 1056, None),
+])  # fmt: skip
+def test_cpu_bottom_right_attention_without_a_mask_is_exact(s_q, s_k, mask_free_from, monkeypatch):
     """The last ``s_q`` of ``s_k`` positions (context-parallel chunks, chunked prefill) on the
-    CPU flash primitives, split at the queries and merged by log-sum-exp: output and every
-    gradient equal a float64 explicit-mask reference (GQA 4 heads over 2 groups)."""
+    CPU flash primitives, split at the queries and merged by log-sum-exp (from
+    ``MASK_FREE_FROM`` positions; below it, and for the case just under it, the masked call):
+    output and every gradient equal a float64 explicit-mask reference (GQA 4 heads over 2
+    groups). The last case takes the mask-free path at the shipped threshold."""
+    from model.attention import backend
     from model.attention.backend import attend, repeat_kv
 
+    if mask_free_from is not None:
+        monkeypatch.setattr(backend, "MASK_FREE_FROM", mask_free_from)
+    mask_free = s_q * s_k >= backend.MASK_FREE_FROM
+    calls = []
+    real = backend._BottomRightCPU.apply
+    monkeypatch.setattr(backend._BottomRightCPU, "apply", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(s_q)
     q = torch.randn(2, s_q, 4, 16, requires_grad=True)
     k, v = (torch.randn(2, s_k, 2, 16, requires_grad=True) for _ in range(2))
@@ -175,3 +186,4 @@ def test_cpu_bottom_right_attention_without_a_mask_is_exact(s_q, s_k):
     ref.backward(grad)
     for got, want in ((out, ref), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert bool(calls) == mask_free
