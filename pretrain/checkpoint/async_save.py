@@ -41,6 +41,7 @@ import torch
 from data_prep.base.atomic_write import TMP_TAG
 from pretrain import faults
 from pretrain.checkpoint.layout import file_digest
+from pretrain.checkpoint.save_errors import SaveErrors
 
 
 @dataclass
@@ -69,7 +70,7 @@ class StagingPool:
         return sum(b.nbytes() for b in self.buffers.values())
 
 
-class StagedSave:
+class StagedSave(SaveErrors):
     """Recorded files of one save on this rank, then staged and written in the background."""
 
     def __init__(self, tag_dir: Path, pool: StagingPool, fsync: bool, retries: int) -> None:
@@ -79,7 +80,7 @@ class StagedSave:
         self.retries = retries
         self.files: list[_File] = []
         self.copies: list[tuple[torch.UntypedStorage, torch.UntypedStorage]] = []
-        self.errors: list[tuple[str, BaseException]] = []
+        super().__init__()
         self.digests: dict[str, dict[str, Any]] = {}
         self.staged = threading.Event()
         self.done = threading.Event()
@@ -90,17 +91,7 @@ class StagedSave:
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ recording (sync)
-    def __call__(self, path: Path | str, write: Callable[[], Any], inject: bool = True) -> None:
-        """A small write of DeepSpeed's save (a directory, the recovery script): done now."""
-        if self.errors:
-            return
-        try:
-            if inject:
-                faults.save_error(Path(path))
-            write()
-        except Exception as e:  # noqa: BLE001 - agreed on across ranks by the manager
-            self.errors.append((str(path), e))
-
+    # small writes (a directory, the recovery script) run now through SaveErrors.__call__
     def save_state(self, path: Path | str, state_dict: Any, save: Callable[[Any, str], None]):
         """DeepSpeed's ``checkpoint_engine.save(state_dict, path)``: record a staged copy."""
         key = str(Path(path).relative_to(self.tag_dir))

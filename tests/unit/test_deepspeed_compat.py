@@ -248,7 +248,7 @@ def test_deepspeed_writes_checkpoints_through_its_checkpoint_engine(tmp_path):
         def _copy_recovery_script(self, save_path):
             raise OSError(28, "No space left on device", save_path)
 
-    from pretrain.checkpoint.manager import SaveErrors
+    from pretrain.checkpoint.save_errors import SaveErrors
 
     guard = SaveErrors()
     target = tmp_path / "missing-dir" / "x.pt"
