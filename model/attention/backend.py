@@ -33,7 +33,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from model.attention import torch_compat
 from model.attention.registry import BACKENDS, Backend  # names: torch-free, in the registry
+from model.attention.torch_compat import cpu_backward, cpu_forward
 
 #: what ``resolve_backend`` returns: every backend but ``auto``
 CONCRETE: tuple[str, ...] = tuple(b for b in BACKENDS if b != "auto")
@@ -221,28 +223,15 @@ def cpu_kernel_applies(backend: Backend, q: torch.Tensor) -> bool:
         backend in ("auto", "sdpa", "sdpa-flash")
         and q.device.type == "cpu"
         and q.dtype in (torch.float32, torch.bfloat16)
-        and _CPU_FWD is not None
-        and _CPU_BWD is not None
+        and torch_compat.available()
     )
 
 
-_CPU_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 #: query × key positions from which a bottom-right causal call on CPU skips the explicit mask
 #: (:class:`_BottomRightCPU`; 1 Mi positions = a 1 MiB bool mask). Below it the mask costs
 #: nothing and the one masked kernel call accumulates each row in the same order as the
 #: full-sequence call, so context-parallel chunks round as the single-rank run does.
 MASK_FREE_FROM = 1 << 20
-_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-
-
-def cpu_forward(q, k, v, causal: bool, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch's CPU flash-attention forward on ``[b, h, s, d]``: ``(out, logsumexp)``, GQA ok."""
-    return _CPU_FWD(q, k, v, 0.0, causal, scale=scale)
-
-
-def cpu_backward(dout, q, k, v, out, lse, causal: bool, scale: float | None):
-    """Gradients ``(dq, dk, dv)`` of :func:`cpu_forward` for the output gradient ``dout``."""
-    return _CPU_BWD(dout, q, k, v, out, lse, 0.0, causal, scale=scale)
 
 
 class _BottomRightCPU(torch.autograd.Function):
