@@ -173,8 +173,11 @@ class _Server:
         theirs.close()
         self.sock = ours
         self.cond = threading.Condition()
-        self.started: dict[int, int] = {}
+        self.started: dict[int, int] = {}  # request id -> pid
+        #: exit codes by request id: pids are reused over a long session, so a new rank's pid
+        #: may be an earlier rank's, whose exit must not be taken for the new one's
         self.exited: dict[int, int] = {}
+        self._running: dict[int, int] = {}  # pid -> request id
         self.next_id = 0
         self.ready = False
         threading.Thread(target=self._read, daemon=True).start()
@@ -197,11 +200,13 @@ class _Server:
                         self.ready = True
                     elif "started" in msg:
                         self.started[msg["id"]] = msg["started"]
-                    else:
-                        self.exited[msg["exited"]] = msg["code"]
+                        self._running[msg["started"]] = msg["id"]
+                    else:  # the server reports a child's exit after its start, in order
+                        self.exited[self._running.pop(msg["exited"])] = msg["code"]
                     self.cond.notify_all()
 
-    def spawn(self, argv: list[str], env: dict, cwd: str, log: str) -> int:
+    def spawn(self, argv: list[str], env: dict, cwd: str, log: str) -> tuple[int, int]:
+        """Start a rank: ``(request id, pid)``."""
         with self.cond:
             rid = self.next_id
             self.next_id += 1
@@ -210,7 +215,7 @@ class _Server:
         with self.cond:
             if not self.cond.wait_for(lambda: rid in self.started, timeout=60):
                 raise RuntimeError("the test fork server did not start a rank in 60 s")
-            return self.started.pop(rid)
+            return rid, self.started.pop(rid)
 
 
 _server: _Server | None = None
@@ -234,20 +239,20 @@ class Rank:
         self.keep_log = keep_log
         self._server = server()
         self.log.write_bytes(b"")  # exists (empty) before the rank runs: tests read it at once
-        self.pid = self._server.spawn(list(argv), dict(env), str(cwd), str(self.log))
+        self.id, self.pid = self._server.spawn(list(argv), dict(env), str(cwd), str(self.log))
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
         if self.returncode is None:
             with self._server.cond:
-                self.returncode = self._server.exited.get(self.pid)
+                self.returncode = self._server.exited.get(self.id)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._server.cond:
             ok = self._server.cond.wait_for(
-                lambda: self.pid in self._server.exited,
+                lambda: self.id in self._server.exited,
                 timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
             )
         if not ok:

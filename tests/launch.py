@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import forkserver
 
+from pretrain.parallel.launch_env import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,12 +20,6 @@ def _scratch_log() -> Path:
     fd, name = tempfile.mkstemp(prefix="rank-", suffix=".log")
     os.close(fd)
     return Path(name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(

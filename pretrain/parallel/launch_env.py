@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from data_prep.base.errors import ConfigError
 
@@ -62,8 +64,31 @@ def launch_env(env: Mapping[str, str] = os.environ) -> LaunchEnv:
     return LaunchEnv(rank, world, local, addr, port, launcher)
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel takes local ports of outgoing connections from."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return low, high
+
+
 def free_port() -> int:
-    """A TCP port free on this host right now (for a rendezvous on one machine)."""
-    with socket.socket() as s:
+    """A TCP port free on this host right now (for a rendezvous on one machine), outside the
+    ephemeral range: a port the kernel picked for ``bind(0)`` can be handed to some outgoing
+    connection (gloo opens many) before the rendezvous binds it, which then fails with
+    EADDRINUSE. Below the range only listeners compete, and the port is checked free."""
+    low, high = _ephemeral_ports()
+    span = range(max(1024, low - 12000), low) if low > 2048 else range(high + 1, 65536)
+    pick = random.SystemRandom()  # leaves the seeded global ``random`` alone
+    for _ in range(64):
+        port = pick.choice(span)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything tried was taken: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
