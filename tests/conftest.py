@@ -48,6 +48,24 @@ def need_module(name: str):
         pytest.skip(f"{name} is not installed (pip install -e '.[eval]')", allow_module_level=True)
 
 
+#: what a rank's launcher exports; a command a test starts inherits os.environ
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _rendezvous_env():
+    """Undo what an in-process test's ``distributed.init`` exports: a command started later with
+    the inherited environment would otherwise rendezvous at this pytest process's own store's
+    port (EADDRINUSE; CI failed the study test this way)."""
+    saved = {k: os.environ.get(k) for k in RENDEZVOUS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def one_rank():
     """A single-process gloo group with megatron's parallel_state at TP=1."""
@@ -56,11 +74,10 @@ def one_rank():
 
     from launch import free_port
 
-    if not dist.is_initialized():
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1"
+    if not dist.is_initialized():  # no MASTER_PORT etc. in os.environ: see _rendezvous_env
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
         )
-        dist.init_process_group("gloo")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
     from model import megatron_compat

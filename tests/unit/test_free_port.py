@@ -37,3 +37,15 @@ def test_a_port_in_use_is_not_returned(monkeypatch):
 
         monkeypatch.setattr(random.SystemRandom, "choice", choice)
         assert free_port() != taken and len(calls) == 3
+
+
+def test_the_in_process_group_leaves_no_rendezvous_in_the_environment(one_rank):
+    """Commands that tests start inherit os.environ: a MASTER_PORT left there by the pytest
+    process's own gloo group made the study test's ``pretrain.train`` fail with EADDRINUSE."""
+    import os
+
+    import torch.distributed as dist
+    from conftest import RENDEZVOUS
+
+    assert dist.is_initialized()
+    assert not {k for k in RENDEZVOUS if k in os.environ}
