@@ -16,7 +16,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from pretrain.parallel.launch_env import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_VOCAB = 512
@@ -208,12 +209,6 @@ def make_data(plan: Plan, tokens: int, seed: int) -> tuple[Path, Path]:
 
 
 # ----------------------------------------------------------------------------- running
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _append_log(plan: Plan, title: str, text: str) -> None:
     with open(plan.log, "a") as f:
         f.write(f"\n===== {title}\n{text}")
@@ -243,7 +238,7 @@ def run_command(plan: Plan, title: str, args: list[str], cap: float = 300) -> Re
     left = plan.deadline - time.monotonic()
     if left < 20:
         return Result(None, "skipped: time budget spent", 0.0)
-    env = {**plan.env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = {**plan.env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     cmd = [sys.executable, *args]
     t0 = time.monotonic()
     try:

@@ -53,12 +53,28 @@ def _save_mode(saves: str) -> str:
     return f"checkpoint.async_save={'true' if saves == 'async' else 'false'}"
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(wikitext_manifest, tmp_path_factory):
+    """The uninterrupted run per ZeRO stage, trained once with synchronous saves and shared by the
+    sync and async SIGKILL tests (an async run must reach the same step-20 tensors)."""
+    runs: dict[int, Path] = {}
+
+    def get(stage: int) -> Path:
+        if stage not in runs:
+            whole = tmp_path_factory.mktemp(f"uninterrupted-zero{stage}")
+            args = (*EXACT, f"parallel.zero_stage={stage}", _save_mode("sync"))
+            train(whole, wikitext_manifest, 4, *args)
+            runs[stage] = whole
+        return runs[stage]
+
+    return get
+
+
 @SAVES
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_bit_exact_resume_after_sigkill(wikitext_manifest, tmp_path, stage, saves):
+def test_bit_exact_resume_after_sigkill(wikitext_manifest, tmp_path, uninterrupted, stage, saves):
     zero, mode = f"parallel.zero_stage={stage}", _save_mode(saves)
-    whole = tmp_path / "uninterrupted"
-    train(whole, wikitext_manifest, 4, *EXACT, zero, mode)
+    whole = uninterrupted(stage)
 
     broken = tmp_path / "killed"
     # the run waits there to be killed; a background save of step 10 completes at a later step
