@@ -35,7 +35,6 @@ import torch.nn.functional as F
 
 from model.attention import torch_compat
 from model.attention.registry import BACKENDS, Backend  # names: torch-free, in the registry
-from model.attention.torch_compat import cpu_backward, cpu_forward
 
 #: what ``resolve_backend`` returns: every backend but ``auto``
 CONCRETE: tuple[str, ...] = tuple(b for b in BACKENDS if b != "auto")
@@ -245,8 +244,8 @@ class _BottomRightCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale: float | None):
         p = k.size(2) - q.size(2)
-        o_a, lse_a = cpu_forward(q, k[:, :, :p], v[:, :, :p], False, scale)
-        o_b, lse_b = cpu_forward(q, k[:, :, p:], v[:, :, p:], True, scale)
+        o_a, lse_a = torch_compat.cpu_forward(q, k[:, :, :p], v[:, :, :p], False, scale)
+        o_b, lse_b = torch_compat.cpu_forward(q, k[:, :, p:], v[:, :, p:], True, scale)
         lse = torch.logaddexp(lse_a, lse_b)
         w_a, w_b = ((x - lse).exp().unsqueeze(-1) for x in (lse_a, lse_b))
         out = (o_a.float() * w_a + o_b.float() * w_b).to(q.dtype)
@@ -259,8 +258,9 @@ class _BottomRightCPU(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         p, scale = k.size(2) - q.size(2), ctx.scale
         dout = dout.contiguous()
-        dq, dk_a, dv_a = cpu_backward(dout, q, k[:, :, :p], v[:, :, :p], out, lse, False, scale)
-        dq_b, dk_b, dv_b = cpu_backward(dout, q, k[:, :, p:], v[:, :, p:], out, lse, True, scale)
+        backward = torch_compat.cpu_backward
+        dq, dk_a, dv_a = backward(dout, q, k[:, :, :p], v[:, :, :p], out, lse, False, scale)
+        dq_b, dk_b, dv_b = backward(dout, q, k[:, :, p:], v[:, :, p:], out, lse, True, scale)
         return dq.add_(dq_b), torch.cat([dk_a, dk_b], 2), torch.cat([dv_a, dv_b], 2), None
 
 

@@ -31,6 +31,7 @@ import torch
 
 from model.attention import backend as kernels
 from model.attention import context_parallel as cp
+from model.attention import torch_compat
 from model.attention.backend import Backend, attend, repeat_kv
 from model.attention.base import CoreAttention
 
@@ -78,9 +79,9 @@ class _TwoPassCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, scale: float | None):
-        o1, lse1 = kernels.cpu_forward(q, k, v, causal, scale)
+        o1, lse1 = torch_compat.cpu_forward(q, k, v, causal, scale)
         k_full = k.repeat_interleave(q.size(1) // k.size(1), dim=1) if k.size(1) != q.size(1) else k
-        o2, lse2 = kernels.cpu_forward(q, k_full, o1, causal, scale)
+        o2, lse2 = torch_compat.cpu_forward(q, k_full, o1, causal, scale)
         ctx.save_for_backward(q, k, v, o1, o2, lse1, lse2)
         ctx.causal, ctx.scale = causal, scale
         return torch.lerp(o2, o1, 2.0)
@@ -92,9 +93,9 @@ class _TwoPassCPU(torch.autograd.Function):
         groups, heads = k.size(1), q.size(1)
         k_full = k.repeat_interleave(heads // groups, dim=1) if groups != heads else k
         # out = 2·o1 − o2: run pass 2's backward with +dout and subtract what it returns.
-        dq2, dk2, do1 = kernels.cpu_backward(dout, q, k_full, o1, o2, lse2, causal, scale)
+        dq2, dk2, do1 = torch_compat.cpu_backward(dout, q, k_full, o1, o2, lse2, causal, scale)
         do1 = do1.lerp_(dout, 2.0)  # 2·dout − Aᵀ·dout
-        dq, dk, dv = kernels.cpu_backward(do1, q, k, v, o1, lse1, causal, scale)
+        dq, dk, dv = torch_compat.cpu_backward(do1, q, k, v, o1, lse1, causal, scale)
         if groups != heads:
             b, _, s, d = dk2.shape
             dk2 = dk2.view(b, groups, heads // groups, s, d).sum(2)
